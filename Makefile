@@ -1,0 +1,32 @@
+# One command sets everything up, one trains, one tests (see README.md).
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/movielens/deepfm.yaml
+
+.PHONY: install train test lint bench clean
+
+install: $(BIN)/rec-dist
+
+$(BIN)/rec-dist: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first so pip takes the pinned CPU build; torchrec without its CUDA fbgemm-gpu dependency.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps torchrec==1.8.0
+	$(BIN)/python -c "import torch, fbgemm_gpu, torchrec; print('torch', torch.__version__, '| torchrec', torchrec.__version__)"
+	touch $(BIN)/rec-dist
+
+train: install
+	$(BIN)/rec-dist data prepare movielens-100k
+	$(BIN)/rec-dist fit --config $(CONFIG)
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check rec_dist tests benchmarks jobs
+
+clean:
+	rm -rf $(VENV) data mlruns.db mlruns lightning_logs checkpoints

@@ -1,0 +1,52 @@
+"""``rec-dist`` entry point: a light dispatcher, so ``rec-dist --help`` answers at once.
+
+    rec-dist fit|validate|test|predict --config CONFIG.yaml   (Lightning CLI)
+    rec-dist data prepare movielens-100k [--data_dir D] [--source_dir S]
+    rec-dist data synth --out_dir D [--config.num_rows N ...]
+"""
+
+from __future__ import annotations
+
+import sys
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+HELP = """usage: rec-dist {fit,validate,test,predict,data} ...
+
+Distributed trainer for recommender models (Lightning + TorchRec + Ray + MLflow).
+
+commands:
+  fit        train a model:            rec-dist fit --config configs/movielens/deepfm.yaml
+  validate   evaluate on the val split: rec-dist validate --config ... --ckpt_path PATH
+  test       evaluate on the test split
+  predict    score the predict split
+  data       prepare or synthesise data: rec-dist data prepare movielens-100k | rec-dist data synth ...
+
+`rec-dist <command> --help` shows every option; `rec-dist fit --config X --print_config`
+prints the fully resolved configuration. Runs are tracked in MLflow (default store
+sqlite:///mlruns.db; open it with `mlflow ui --backend-store-uri sqlite:///mlruns.db`).
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP, end="")
+        return
+    command = argv[0]
+    if command == "data":
+        from rec_dist.data.cli import main as data_main
+
+        data_main(argv[1:])
+    elif command in LIGHTNING_COMMANDS:
+        from rec_dist.lightning_cli import run
+
+        run(argv)
+    else:
+        print(f"rec-dist: unknown command {command!r}\n", file=sys.stderr)
+        print(HELP, end="", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

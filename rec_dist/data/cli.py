@@ -1,0 +1,52 @@
+"""``rec-dist data``: prepare public datasets, synthesise logs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from rec_dist.data.errors import RecDistError
+from rec_dist.data.synth import SynthConfig
+
+
+def prepare(dataset: str, data_dir: str = "data", source_dir: str | None = None, force: bool = False) -> None:
+    """Prepare a dataset into ``data_dir/<dataset>/`` (canonical parquet + schema.yaml).
+
+    Args:
+        dataset: name of the dataset; one of: movielens-100k.
+        data_dir: cache directory the prepared dataset is written to.
+        source_dir: a local directory holding the raw files (tried first).
+        force: prepare again even if the output exists.
+    """
+    if dataset != "movielens-100k":
+        raise RecDistError(f"unknown dataset {dataset!r}; known: movielens-100k")
+    from rec_dist.data.movielens import prepare_movielens_100k
+
+    out = prepare_movielens_100k(data_dir, source_dir=source_dir, force=force)
+    print(f"prepared {dataset} in {out}")
+
+
+def synth(out_dir: str, config: SynthConfig | None = None, force: bool = False) -> None:
+    """Generate a synthetic log with planted signal into ``out_dir`` (parquet + schema.yaml).
+
+    Args:
+        out_dir: output directory.
+        config: generator settings (rows, users, items, sequence length, seed ...).
+        force: overwrite an existing output.
+    """
+    from rec_dist.data.synth import synthesize
+
+    out = synthesize(Path(out_dir), config or SynthConfig(), force=force)
+    print(f"wrote synthetic data to {out}")
+
+
+def main(argv: list[str]) -> None:
+    from jsonargparse import auto_cli
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        auto_cli({"prepare": prepare, "synth": synth}, args=argv, as_positional=True)
+    except RecDistError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

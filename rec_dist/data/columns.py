@@ -1,0 +1,240 @@
+"""Columnar arrays checked against the schema, and batches cut from them.
+
+Reading path: a parquet row group -> ``ColumnChunk.from_arrow`` (checked
+once: columns, dtypes, id ranges, labels; sequences truncated) -> batches by
+``take``/``slice`` + ``to_batch``. Everything is numpy over whole columns:
+there is no per-sample Python on the loading path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from rec_dist.data.batch import Batch
+from rec_dist.data.errors import DataError
+from rec_dist.data.schema import Feature, Schema, lookup_groups
+
+
+@dataclass
+class Jagged:
+    """Flat ``values`` and ``offsets`` (length N+1) of a list column; offsets None means one value per row."""
+
+    values: np.ndarray
+    offsets: np.ndarray | None = None
+
+    def lengths(self) -> np.ndarray:
+        if self.offsets is None:
+            return np.ones(len(self.values), dtype=np.int64)
+        return np.diff(self.offsets)
+
+    def take(self, idx: np.ndarray) -> Jagged:
+        if self.offsets is None:
+            return Jagged(self.values[idx])
+        starts = self.offsets[idx]
+        lengths = self.offsets[idx + 1] - starts
+        new_offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=new_offsets[1:])
+        src = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
+        return Jagged(self.values[src], new_offsets)
+
+    def slice(self, start: int, stop: int) -> Jagged:
+        if self.offsets is None:
+            return Jagged(self.values[start:stop])
+        offsets = self.offsets[start : stop + 1]
+        return Jagged(self.values[offsets[0] : offsets[-1]], offsets - offsets[0])
+
+    @staticmethod
+    def concat(parts: list[Jagged]) -> Jagged:
+        if all(p.offsets is None for p in parts):
+            return Jagged(np.concatenate([p.values for p in parts]))
+        lengths = np.concatenate([p.lengths() for p in parts])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return Jagged(np.concatenate([p.values for p in parts]), offsets)
+
+
+@dataclass
+class ColumnChunk:
+    """Checked columns of ``num_rows`` samples, ready to be cut into batches."""
+
+    ids: dict[str, Jagged]
+    dense: np.ndarray  # (N, dense_dim) float32
+    labels: dict[str, np.ndarray]  # name -> (N,) float32
+    num_rows: int
+
+    # ---- building -----------------------------------------------------------------
+    @classmethod
+    def from_arrow(cls, table: pa.Table, schema: Schema, source: str, labels: bool = True) -> ColumnChunk:
+        """Check ``table`` against ``schema``; ``source`` names the file in errors."""
+        n = table.num_rows
+        ids = {f.name: _id_column(table, f, schema, source) for f in schema.id_features}
+        dense_parts = [_dense_column(table, f, source) for f in schema.dense_features]
+        dense = np.concatenate(dense_parts, axis=1) if dense_parts else np.zeros((n, 0), np.float32)
+        label_arrays = {}
+        if labels:
+            label_arrays = {lb.name: _label_column(table, lb, source) for lb in schema.labels.values()}
+        return cls(ids, np.ascontiguousarray(dense, dtype=np.float32), label_arrays, n)
+
+    @staticmethod
+    def concat(chunks: list[ColumnChunk]) -> ColumnChunk:
+        if len(chunks) == 1:
+            return chunks[0]
+        first = chunks[0]
+        return ColumnChunk(
+            ids={k: Jagged.concat([c.ids[k] for c in chunks]) for k in first.ids},
+            dense=np.concatenate([c.dense for c in chunks]),
+            labels={k: np.concatenate([c.labels[k] for c in chunks]) for k in first.labels},
+            num_rows=sum(c.num_rows for c in chunks),
+        )
+
+    # ---- cutting --------------------------------------------------------------------
+    def take(self, idx: np.ndarray) -> ColumnChunk:
+        return ColumnChunk(
+            {k: v.take(idx) for k, v in self.ids.items()},
+            self.dense[idx],
+            {k: v[idx] for k, v in self.labels.items()},
+            len(idx),
+        )
+
+    def slice(self, start: int, stop: int) -> ColumnChunk:
+        stop = min(stop, self.num_rows)
+        return ColumnChunk(
+            {k: v.slice(start, stop) for k, v in self.ids.items()},
+            self.dense[start:stop],
+            {k: v[start:stop] for k, v in self.labels.items()},
+            stop - start,
+        )
+
+    def to_batch(self, schema: Schema) -> Batch:
+        pooled, unpooled = lookup_groups(schema)
+        return Batch(
+            sparse=self._kjt(pooled),
+            sequence=self._kjt(unpooled),
+            dense=torch.from_numpy(np.ascontiguousarray(self.dense)),
+            labels={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.labels.items()},
+        )
+
+    def _kjt(self, features: list[Feature]) -> KeyedJaggedTensor:
+        cols = [self.ids[f.name] for f in features]
+        if not cols:
+            return KeyedJaggedTensor.empty()
+        values = np.concatenate([c.values for c in cols])
+        lengths = np.concatenate([c.lengths() for c in cols]).astype(np.int32)
+        return KeyedJaggedTensor(
+            keys=[f.name for f in features],
+            values=torch.from_numpy(values),
+            lengths=torch.from_numpy(lengths),
+        )
+
+
+# ---- column checks --------------------------------------------------------------------
+def _column(table: pa.Table, name: str, what: str, source: str) -> pa.ChunkedArray:
+    if name not in table.column_names:
+        raise DataError(
+            f"{source}: column {name!r} ({what}) is missing; columns present: {sorted(table.column_names)}"
+        )
+    column = table.column(name)
+    if column.null_count:
+        raise DataError(f"{source}: column {name!r} ({what}) has {column.null_count} null values")
+    return column
+
+
+def _id_column(table: pa.Table, f: Feature, schema: Schema, source: str) -> Jagged:
+    what = f"{f.kind} id feature"
+    column = _column(table, f.name, what, source)
+    num_embeddings = schema.tables[f.table].num_embeddings  # type: ignore[index]
+    if f.kind == "sparse":
+        if not pa.types.is_integer(column.type):
+            raise DataError(f"{source}: column {f.name!r} ({what}) must be an integer type, got {column.type}")
+        jagged = Jagged(column.to_numpy().astype(np.int64, copy=False))
+    else:
+        if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) or not (
+            pa.types.is_integer(column.type.value_type)
+        ):
+            raise DataError(f"{source}: column {f.name!r} ({what}) must be list<int64>, got {column.type}")
+        array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+        offsets = array.offsets.to_numpy().astype(np.int64)
+        offsets = offsets - offsets[0]  # list_flatten honours a sliced array's start
+        values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        jagged = Jagged(values, offsets)
+        if f.kind == "sequence":
+            jagged = _truncate(jagged, f.max_len)  # type: ignore[arg-type]
+    bad = (jagged.values < 0) | (jagged.values >= num_embeddings)
+    if bad.any():
+        if f.on_oov == "hash":
+            jagged.values = np.remainder(jagged.values, num_embeddings)
+        else:
+            example = int(jagged.values[bad][0])
+            raise DataError(
+                f"{source}: column {f.name!r} has {int(bad.sum())} ids outside [0, {num_embeddings}) "
+                f"of table {f.table!r} (e.g. {example}); fix the data, enlarge the table, or set "
+                f"on_oov: hash for feature {f.name!r} in the schema"
+            )
+    return jagged
+
+
+def _truncate(jagged: Jagged, max_len: int) -> Jagged:
+    """Keep each row's ``max_len`` most recent (last) events."""
+    assert jagged.offsets is not None
+    lengths = np.diff(jagged.offsets)
+    if lengths.size == 0 or lengths.max() <= max_len:
+        return jagged
+    ends = jagged.offsets[1:]
+    starts = np.maximum(jagged.offsets[:-1], ends - max_len)
+    new_lengths = ends - starts
+    new_offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(new_lengths, out=new_offsets[1:])
+    src = np.repeat(starts - new_offsets[:-1], new_lengths) + np.arange(new_offsets[-1])
+    return Jagged(jagged.values[src], new_offsets)
+
+
+def _dense_column(table: pa.Table, f: Feature, source: str) -> np.ndarray:
+    what = "dense feature"
+    column = _column(table, f.name, what, source)
+    n = table.num_rows
+    if f.dim == 1:
+        if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
+            raise DataError(f"{source}: column {f.name!r} ({what}) must be numeric, got {column.type}")
+        out = column.to_numpy().astype(np.float32).reshape(n, 1)
+    else:
+        if not (pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type)):
+            raise DataError(f"{source}: column {f.name!r} ({what}, dim {f.dim}) must be a list, got {column.type}")
+        flat = pc.list_flatten(column.combine_chunks()).to_numpy(zero_copy_only=False)
+        if flat.size != n * f.dim:
+            raise DataError(f"{source}: column {f.name!r} must hold exactly {f.dim} values per row")
+        out = flat.astype(np.float32).reshape(n, f.dim)
+    if not np.isfinite(out).all():
+        raise DataError(f"{source}: column {f.name!r} ({what}) has NaN or infinite values")
+    return out
+
+
+def _label_column(table: pa.Table, label, source: str) -> np.ndarray:
+    what = f"{label.kind} label"
+    column = _column(table, label.name, what, source)
+    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_boolean(column.type)):
+        raise DataError(f"{source}: column {label.name!r} ({what}) must be numeric, got {column.type}")
+    values = column.to_numpy(zero_copy_only=False).astype(np.float32)
+    if np.isnan(values).any():
+        raise DataError(f"{source}: column {label.name!r} ({what}) has {int(np.isnan(values).sum())} NaN values")
+    if label.kind == "binary":
+        bad = (values != 0) & (values != 1)
+        if bad.any():
+            raise DataError(
+                f"{source}: column {label.name!r} ({what}) must be 0 or 1, found {float(values[bad][0])}"
+            )
+    else:
+        low = -np.inf if label.min is None else label.min
+        high = np.inf if label.max is None else label.max
+        bad = (values < low) | (values > high)
+        if bad.any():
+            raise DataError(
+                f"{source}: column {label.name!r} ({what}) must lie in [{low}, {high}], "
+                f"found {float(values[bad][0])}"
+            )
+    return values

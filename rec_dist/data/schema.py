@@ -1,0 +1,233 @@
+"""Feature schema: every feature, table and label named once.
+
+Tables, batches and models are all derived from one ``Schema``. A schema is
+a YAML file::
+
+    name: movielens-100k
+    tables:                       # embedding tables (shared by name)
+      item: {num_embeddings: 1683, embedding_dim: 16}
+    features:
+      item_id: {kind: sparse, table: item}                # int64 column
+      genres: {kind: multi_hot, table: genre, pooling: mean}  # list<int64>
+      hist_item_id: {kind: sequence, table: item, max_len: 50}  # list<int64>, oldest first
+      release_year: {kind: dense}                          # float32 (dim 1) or list<float32>
+    labels:
+      like: {kind: binary}        # float32 in {0, 1}
+      rating: {kind: regression, min: 1, max: 5}
+
+Ids are row indices into the table: ``0 <= id < num_embeddings``. An id out
+of that range raises an error naming the column, unless the feature says
+``on_oov: hash``, which maps it into the table by modulo hashing. Sequence
+columns hold the oldest event first; a sequence longer than ``max_len`` is
+truncated to its ``max_len`` most recent events.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rec_dist.data.errors import SchemaError
+
+FEATURE_KINDS = ("sparse", "multi_hot", "sequence", "dense")
+LABEL_KINDS = ("binary", "regression")
+POOLINGS = ("sum", "mean")
+OOV_POLICIES = ("error", "hash")
+
+
+@dataclass(frozen=True)
+class Table:
+    """One embedding table; several features may look up the same table."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One input column and how it is embedded."""
+
+    name: str
+    kind: str
+    table: str | None = None
+    pooling: str = "mean"
+    max_len: int | None = None
+    dim: int = 1
+    on_oov: str = "error"
+
+    @property
+    def is_id(self) -> bool:
+        return self.kind != "dense"
+
+
+@dataclass(frozen=True)
+class Label:
+    name: str
+    kind: str = "binary"
+    min: float | None = None
+    max: float | None = None
+
+
+@dataclass(frozen=True)
+class Schema:
+    name: str
+    tables: dict[str, Table]
+    features: dict[str, Feature]
+    labels: dict[str, Label]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ---- views ---------------------------------------------------------------
+    def of_kind(self, *kinds: str) -> list[Feature]:
+        return [f for f in self.features.values() if f.kind in kinds]
+
+    @property
+    def id_features(self) -> list[Feature]:
+        return [f for f in self.features.values() if f.is_id]
+
+    @property
+    def dense_features(self) -> list[Feature]:
+        return self.of_kind("dense")
+
+    @property
+    def dense_dim(self) -> int:
+        return sum(f.dim for f in self.dense_features)
+
+    def table_of(self, feature: str) -> Table:
+        return self.tables[self.feature(feature).table]  # type: ignore[index]
+
+    def feature(self, name: str) -> Feature:
+        if name not in self.features:
+            raise SchemaError(
+                f"schema {self.name!r}: unknown feature {name!r}; "
+                f"known features: {sorted(self.features)}"
+            )
+        return self.features[name]
+
+    @property
+    def sequence_tables(self) -> set[str]:
+        """Tables read by at least one sequence feature (these need unpooled lookups)."""
+        return {f.table for f in self.of_kind("sequence")}  # type: ignore[misc]
+
+    # ---- (de)serialisation ------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> Schema:
+        if not isinstance(raw, dict):
+            raise SchemaError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+        for key in ("tables", "features", "labels"):
+            if not isinstance(raw.get(key), dict) or not raw[key]:
+                raise SchemaError(f"{source}: key {key!r} must be a non-empty mapping")
+        tables = {}
+        for name, spec in raw["tables"].items():
+            spec = _mapping(spec, f"{source}: tables.{name}")
+            _only(spec, {"num_embeddings", "embedding_dim"}, f"{source}: tables.{name}")
+            for key in ("num_embeddings", "embedding_dim"):
+                value = spec.get(key)
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise SchemaError(f"{source}: tables.{name}.{key} must be a positive integer, got {value!r}")
+            tables[name] = Table(name, spec["num_embeddings"], spec["embedding_dim"])
+        features = {}
+        for name, spec in raw["features"].items():
+            where = f"{source}: features.{name}"
+            spec = _mapping(spec, where)
+            _only(spec, {"kind", "table", "pooling", "max_len", "dim", "on_oov"}, where)
+            feature = Feature(name=name, **spec)
+            _check_feature(feature, tables, where)
+            features[name] = feature
+        labels = {}
+        for name, spec in raw["labels"].items():
+            where = f"{source}: labels.{name}"
+            spec = _mapping(spec, where)
+            _only(spec, {"kind", "min", "max"}, where)
+            label = Label(name=name, **spec)
+            if label.kind not in LABEL_KINDS:
+                raise SchemaError(f"{where}.kind must be one of {LABEL_KINDS}, got {label.kind!r}")
+            labels[name] = label
+        overlap = set(features) & set(labels)
+        if overlap:
+            raise SchemaError(f"{source}: names used both as feature and label: {sorted(overlap)}")
+        extra = {k: v for k, v in raw.items() if k not in ("name", "tables", "features", "labels")}
+        return cls(str(raw.get("name", "unnamed")), tables, features, labels, extra)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Schema:
+        path = Path(path)
+        if not path.is_file():
+            raise SchemaError(f"schema file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise SchemaError(f"schema file {path} is not valid YAML: {err}") from err
+        return cls.from_dict(raw, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        out["tables"] = {t.name: {"num_embeddings": t.num_embeddings, "embedding_dim": t.embedding_dim}
+                         for t in self.tables.values()}
+        out["features"] = {f.name: _non_default(asdict(f), Feature) for f in self.features.values()}
+        out["labels"] = {lb.name: _non_default(asdict(lb), Label) for lb in self.labels.values()}
+        out.update(self.extra)
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temporary file, then rename)."""
+        from rec_dist.data.atomic import atomic_file
+
+        with atomic_file(path) as tmp:
+            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _mapping(spec: Any, where: str) -> dict[str, Any]:
+    if not isinstance(spec, dict):
+        raise SchemaError(f"{where}: expected a mapping, got {spec!r}")
+    return dict(spec)
+
+
+def _only(spec: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(spec) - allowed
+    if unknown:
+        raise SchemaError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+def _non_default(values: dict[str, Any], kind: type) -> dict[str, Any]:
+    defaults = kind.__dataclass_fields__
+    return {k: v for k, v in values.items() if k != "name" and v != defaults[k].default}
+
+
+def _check_feature(f: Feature, tables: dict[str, Table], where: str) -> None:
+    if f.kind not in FEATURE_KINDS:
+        raise SchemaError(f"{where}.kind must be one of {FEATURE_KINDS}, got {f.kind!r}")
+    if f.kind == "dense":
+        if f.table is not None:
+            raise SchemaError(f"{where}: a dense feature has no table")
+        if not isinstance(f.dim, int) or f.dim <= 0:
+            raise SchemaError(f"{where}.dim must be a positive integer, got {f.dim!r}")
+        return
+    if f.table not in tables:
+        raise SchemaError(f"{where}.table must name one of the tables {sorted(tables)}, got {f.table!r}")
+    if f.pooling not in POOLINGS:
+        raise SchemaError(f"{where}.pooling must be one of {POOLINGS}, got {f.pooling!r}")
+    if f.on_oov not in OOV_POLICIES:
+        raise SchemaError(f"{where}.on_oov must be one of {OOV_POLICIES}, got {f.on_oov!r}")
+    if f.kind == "sequence" and (not isinstance(f.max_len, int) or f.max_len <= 0):
+        raise SchemaError(f"{where}.max_len must be a positive integer for a sequence, got {f.max_len!r}")
+
+
+def lookup_groups(schema: Schema) -> tuple[list[Feature], list[Feature]]:
+    """Split the id features into (pooled, unpooled) lookup groups.
+
+    A table read by a sequence feature must live in an unpooled
+    ``EmbeddingCollection``; every feature on such a table (the target item
+    that shares the history's table, say) is looked up there too, so that the
+    table exists once. All other id features are looked up pooled, in an
+    ``EmbeddingBagCollection``. The batch carries one KeyedJaggedTensor per
+    group, in this order.
+    """
+    seq_tables = schema.sequence_tables
+    pooled = [f for f in schema.id_features if f.table not in seq_tables]
+    unpooled = [f for f in schema.id_features if f.table in seq_tables]
+    return pooled, unpooled

@@ -1,0 +1,85 @@
+"""The Lightning CLI behind ``rec-dist fit|validate|test|predict``.
+
+Configuration is the API: the task, its model, the data module, the trainer,
+its logger and callbacks are all ``class_path`` + ``init_args`` in YAML. The
+schema is not repeated in model configs: it is linked from ``data.schema``
+into the task when the classes are instantiated.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from rec_dist.quiet import quiet_startup
+
+
+def _trainer_defaults() -> dict:
+    return {
+        "logger": {"class_path": "rec_dist.tracking.mlflow.MLflowLogger"},
+        "callbacks": [
+            {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+            {"class_path": "rec_dist.tracking.plots.RunPlots"},
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"monitor": "val/auc", "mode": "max", "dirpath": None, "filename": "best"},
+            },
+        ],
+        "max_epochs": 5,
+        "log_every_n_steps": 10,
+        "enable_model_summary": False,
+        "deterministic": False,
+    }
+
+
+def build_cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    from rec_dist.tracking.mlflow import LogConfigToMLflow
+
+    class RecDistCLI(LightningCLI):
+        def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+            super().__init__(
+                save_config_callback=LogConfigToMLflow,
+                save_config_kwargs={"overwrite": True},
+                trainer_defaults=_trainer_defaults(),
+                seed_everything_default=42,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                auto_configure_optimizers=False,
+                parser_kwargs={"parser_mode": "yaml"},
+                args=args,
+                run=run,
+            )
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("data.schema", "model.init_args.schema", apply_on="instantiate")
+            parser.add_argument(
+                "--test_after_fit",
+                type=bool,
+                default=True,
+                help="after `fit`, evaluate the best checkpoint on the test split (same MLflow run)",
+            )
+
+        def after_fit(self) -> None:
+            config = self.config.get(self.subcommand, self.config)
+            datamodule = self.datamodule
+            if not config.get("test_after_fit", True) or getattr(datamodule, "splits", {}).get("test") is None:
+                return
+            checkpoint = self.trainer.checkpoint_callback
+            ckpt = "best" if checkpoint is not None and checkpoint.best_model_path else None
+            self.trainer.test(self.model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+
+    return RecDistCLI
+
+
+def run(argv: list[str]) -> None:
+    """Run one Lightning subcommand; a bad config exits with the parser's message."""
+    quiet_startup()
+    from rec_dist.data.errors import RecDistError
+
+    cli_class = build_cli_class()
+    try:
+        cli_class(args=argv)
+    except RecDistError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

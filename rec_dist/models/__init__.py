@@ -1,0 +1,8 @@
+"""Ranking models: pure ``nn.Module``s, ``forward(batch) -> {task: logits (B,)}``."""
+
+from rec_dist.models.base import FeatureSelection, RankingModel, TaskHead, check_tasks
+from rec_dist.models.dcnv2 import DCNv2
+from rec_dist.models.deepfm import DeepFM
+from rec_dist.models.din import DIN
+
+__all__ = ["DCNv2", "DIN", "DeepFM", "FeatureSelection", "RankingModel", "TaskHead", "check_tasks"]

@@ -1,0 +1,28 @@
+"""Keep FBGEMM / TorchRec / torch start-up chatter out of the user's console."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+_NOISY_LOGGERS = (
+    "torch.fx._symbolic_trace",
+    "torchrec",
+    "fbgemm_gpu",
+    "torch.distributed.elastic",
+    "torch._dynamo",
+)
+
+
+def quiet_startup() -> None:
+    """Raise the log level of chatty libraries to WARNING/ERROR (idempotent)."""
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*torch.tensor results are registered as constants.*")

@@ -1,0 +1,127 @@
+"""Ranking task: BCE on one binary label, AUC / GAUC / logloss, optimizer set-up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAUROC
+
+from rec_dist.data.batch import Batch
+from rec_dist.data.schema import Schema
+from rec_dist.metrics.gauc import GroupAUC
+
+ModelFactory = Callable[[Schema], nn.Module]
+OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+STAGES = ("val", "test")
+
+
+class EvalMetrics(nn.Module):
+    """AUC, GAUC (by a user feature) and logloss of one evaluation stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.auc = BinaryAUROC()
+        self.gauc = GroupAUC()
+        self.logloss = MeanMetric()
+        self.grouped = False
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None) -> None:
+        probs = torch.sigmoid(logits)
+        self.auc.update(probs, labels.long())
+        self.logloss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+        # GAUC keeps every score; with no user feature they still serve the plots.
+        self.grouped = groups is not None
+        self.gauc.update(probs, labels, groups if groups is not None else torch.zeros_like(labels))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        out = {"auc": self.auc.compute(), "logloss": self.logloss.compute()}
+        if self.grouped:
+            out["gauc"] = self.gauc.compute()
+        return out
+
+    def reset(self) -> None:
+        self.auc.reset()
+        self.gauc.reset()
+        self.logloss.reset()
+
+
+class RankingTask(pl.LightningModule):
+    """Trains any ranking model (``forward(batch) -> {task: logits}``) on one binary label.
+
+    The model is given as a factory (``class_path`` + ``init_args`` in YAML)
+    and built here from the data's schema, which the CLI links in from the
+    datamodule, so a model config never repeats feature definitions.
+    """
+
+    def __init__(
+        self,
+        model: ModelFactory,
+        schema: Schema | None = None,
+        label: str = "like",
+        group_feature: str | None = "user_id",
+        optimizer: OptimizerFactory = torch.optim.Adam,
+        lr_scheduler: SchedulerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        if schema is None:
+            raise ValueError("RankingTask needs the data schema (the CLI links it from data.schema)")
+        if label not in schema.labels or schema.labels[label].kind != "binary":
+            binary = [n for n, lb in schema.labels.items() if lb.kind == "binary"]
+            raise ValueError(f"model.init_args.label: {label!r} is not a binary label of the schema; choose one of {binary}")
+        if group_feature is not None:
+            schema.feature(group_feature)
+        self.schema = schema
+        self.label = label
+        self.group_feature = group_feature
+        self.model = model(schema)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.metrics = nn.ModuleDict({stage: EvalMetrics() for stage in STAGES})
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.model(batch)[self.label]
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels[self.label])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch.batch_size)
+        return loss
+
+    def _eval_step(self, batch: Batch, stage: str) -> None:
+        logits = self(batch)
+        groups = batch.ids(self.group_feature) if self.group_feature else None
+        self.metrics[stage].update(logits, batch.labels[self.label], groups)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return {name: torch.sigmoid(logit) for name, logit in self.model(batch).items()}
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        values = self.metrics[stage].compute()
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val", sync_dist=False)
+        self.last_eval = {"stage": stage, "arrays": self.metrics[stage].gauc.arrays(), "metrics": values}
+        self.metrics[stage].reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
