@@ -147,15 +147,24 @@ class EpochClock:
         self.last_end: float | None = None
         self.epochs: list[float] = []
         self._t0 = 0.0
+        self.cpu_first = 0.0
+        self.cpu_last = 0.0
 
     def begin(self) -> None:
         self._t0 = time.perf_counter()
         if self.first_start is None:
             self.first_start = self._t0
+            self.cpu_first = time.process_time()
 
     def end(self) -> None:
         self.last_end = time.perf_counter()
+        self.cpu_last = time.process_time()
         self.epochs.append(self.last_end - self._t0)
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU time of this process (all its threads) over the same window: contention-robust."""
+        return self.cpu_last - self.cpu_first
 
     @property
     def seconds(self) -> float:
@@ -350,6 +359,7 @@ def main(argv=None) -> int:
     read_seconds = time.perf_counter() - t_read
 
     runner = run_rechub if args.library == "rechub" else run_deepctr
+    load_before = os.getloadavg()[0]
     # The libraries print progress to stdout; keep our stdout for the one-line summary.
     with contextlib.redirect_stdout(sys.stderr):
         res = runner(args, data, sparse, dense, vocab)
@@ -374,6 +384,9 @@ def main(argv=None) -> int:
         "test_rows": int(len(res["y_test"])),
         "epoch_seconds": clock.epochs,
         "fit_seconds": res["fit_seconds"],
+        "train_cpu_seconds": clock.cpu_seconds,
+        "loadavg_1min": [load_before, os.getloadavg()[0]],  # before/after; > threads = shared CPUs
+        "cpu_count": os.cpu_count(),
         "read_seconds": read_seconds,
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),

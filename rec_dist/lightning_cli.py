@@ -14,15 +14,16 @@ from rec_dist.quiet import quiet_startup
 
 
 def _trainer_defaults() -> dict:
+    """Defaults a config may override; the callbacks here are always added."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from rec_dist.tracking.plots import RunPlots
+
     return {
         "logger": {"class_path": "rec_dist.tracking.mlflow.MLflowLogger"},
         "callbacks": [
-            {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
-            {"class_path": "rec_dist.tracking.plots.RunPlots"},
-            {
-                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {"monitor": "val/auc", "mode": "max", "dirpath": None, "filename": "best"},
-            },
+            RunPlots(),
+            ModelCheckpoint(monitor="val/auc", mode="max", filename="best-{epoch}"),
         ],
         "max_epochs": 5,
         "log_every_n_steps": 10,
@@ -59,6 +60,16 @@ def build_cli_class():
                 default=True,
                 help="after `fit`, evaluate the best checkpoint on the test split (same MLflow run)",
             )
+
+        def _instantiate_trainer(self, config: dict, callbacks: list):
+            # A rich progress bar unless the config turns progress bars off.
+            from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+
+            if config.get("enable_progress_bar") is not False and not any(
+                isinstance(c, ProgressBar) for c in callbacks + list(config.get("callbacks") or [])
+            ):
+                callbacks = [*callbacks, RichProgressBar()]
+            return super()._instantiate_trainer(config, callbacks)
 
         def after_fit(self) -> None:
             config = self.config.get(self.subcommand, self.config)

@@ -25,4 +25,7 @@ def quiet_startup() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has .__len__. defined.*")
     warnings.filterwarnings("ignore", message=".*torch.tensor results are registered as constants.*")

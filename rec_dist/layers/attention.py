@@ -68,7 +68,7 @@ class TargetAttention(nn.Module):
         q = query.unsqueeze(1).expand_as(keys)  # (B, L, D)
         units = torch.cat([q, keys, q - keys, q * keys], dim=-1)  # (B, L, 4D)
         real = self.mlp(units[mask]).squeeze(-1)  # (N,), N = number of real positions
-        scores = keys.new_zeros(mask.shape).masked_scatter(mask, real)  # (B, L)
+        scores = real.new_zeros(mask.shape).masked_scatter(mask, real)  # (B, L)
         if self.softmax:
             lowest = torch.finfo(scores.dtype).min
             scores = scores.masked_fill(~mask, lowest).softmax(dim=1) * mask  # (B, L)

@@ -47,21 +47,22 @@ class Dice(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.num_features:
             raise ValueError(f"Dice: expected {self.num_features} channels in the last dimension, got {x.shape}")
-        flat = x.reshape(-1, self.num_features)  # (N, C)
+        flat = x.reshape(-1, self.num_features).float()  # (N, C); statistics in float32 under autocast
         n = flat.shape[0]
         if self.training and n > 0:
             mean = flat.mean(dim=0)  # (C,)
             var = flat.var(dim=0, unbiased=False)  # (C,)
             with torch.no_grad():
                 # Running estimates as BatchNorm keeps them (unbiased variance).
-                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
                 if n > 1:
-                    self.running_var.lerp_(var.detach() * (n / (n - 1)), self.momentum)
+                    unbiased = var.detach() * (n / (n - 1))
+                    self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
         else:
             mean, var = self.running_mean, self.running_var  # (C,)
         p = torch.sigmoid((flat - mean) * torch.rsqrt(var + self.eps))  # (N, C)
         out = p * flat + (1.0 - p) * self.alpha * flat  # (N, C)
-        return out.reshape(x.shape)
+        return out.reshape(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

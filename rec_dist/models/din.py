@@ -75,9 +75,7 @@ class DIN(RankingModel):
         )
         query_dim = sum(schema.table_of(n).embedding_dim for n in self.query_features)
         self.embeddings = FeatureEmbeddings(schema)
-        self.attention = TargetAttention(
-            query_dim, attention_hidden, activation=activation, softmax=attention_softmax
-        )
+        self.attention = TargetAttention(query_dim, attention_hidden, activation=activation, softmax=attention_softmax)
         self.dnn = MLP(
             self.selection.flat_dim + 2 * query_dim + self.selection.dense_dim,
             hidden,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -15,7 +15,8 @@ from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.metrics.gauc import GroupAUC
 
-ModelFactory = Callable[[Schema], nn.Module]
+# A model class whose first two arguments (schema, task names) the task fills in.
+ModelFactory = Callable[[Schema, Sequence[str]], nn.Module]
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
@@ -57,7 +58,8 @@ class RankingTask(pl.LightningModule):
 
     The model is given as a factory (``class_path`` + ``init_args`` in YAML)
     and built here from the data's schema, which the CLI links in from the
-    datamodule, so a model config never repeats feature definitions.
+    datamodule, and the task's label, so a model config never repeats
+    feature or label definitions.
     """
 
     def __init__(
@@ -80,7 +82,7 @@ class RankingTask(pl.LightningModule):
         self.schema = schema
         self.label = label
         self.group_feature = group_feature
-        self.model = model(schema)
+        self.model = model(schema, (label,))
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.metrics = nn.ModuleDict({stage: EvalMetrics() for stage in STAGES})
