@@ -13,7 +13,7 @@ $(BIN)/rec-dist: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first so pip takes the pinned CPU build; torchrec without its CUDA fbgemm-gpu dependency.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[cpu,dev]'
 	$(BIN)/pip install --quiet --no-deps torchrec==1.8.0
 	$(BIN)/python -c "import torch, fbgemm_gpu, torchrec; print('torch', torch.__version__, '| torchrec', torchrec.__version__)"
 	touch $(BIN)/rec-dist

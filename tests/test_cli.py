@@ -61,7 +61,10 @@ def _runs(tmp_path: Path):
 
 
 def test_help_is_light():
-    code = "import sys, rec_dist.cli; rec_dist.cli.main(['--help']); print(sorted({'torch','lightning','ray'} & set(sys.modules)))"
+    code = (
+        "import sys, rec_dist.cli; rec_dist.cli.main(['--help']); "
+        "print(sorted({'torch', 'lightning', 'ray'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "rec-dist {fit,validate,test,predict,data}" in out
     assert out.strip().endswith("[]")  # no heavy import behind --help

@@ -38,7 +38,8 @@ def test_out_of_vocabulary_id_is_an_error(schema, bad_id):
     ids = list(range(1, 11))
     ids[4] = bad_id
     table = _with(small_table(10), "user_id", ids)
-    with pytest.raises(DataError, match=rf"column 'user_id' has 1 ids outside \[0, 50\).*e\.g\. {bad_id}.*on_oov: hash"):
+    expected = rf"column 'user_id' has 1 ids outside \[0, 50\).*e\.g\. {bad_id}.*on_oov: hash"
+    with pytest.raises(DataError, match=expected):
         ColumnChunk.from_arrow(table, schema, "f.parquet")
 
 

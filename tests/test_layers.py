@@ -278,6 +278,14 @@ def test_target_attention_gradients_are_finite_with_empty_rows():
     assert att.mlp.layers[0].weight.grad.abs().sum() > 0
 
 
+def test_target_attention_and_dice_under_bf16_autocast():
+    att = TargetAttention(3, hidden=[4], activation="dice", softmax=True)
+    query, keys, mask, _ = _attention_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = att(query, keys, mask)
+    assert out.shape == (4, 3) and torch.isfinite(out).all()
+
+
 def test_target_attention_shape_errors():
     att = TargetAttention(3)
     with pytest.raises(ValueError, match="expected query"):

@@ -15,7 +15,8 @@ class ParquetDataModule(pl.LightningDataModule):
     """Train/val/test/predict splits as parquet, one schema.
 
     Paths are files, directories of ``*.parquet`` or globs, relative to the
-    schema file's directory. Row groups are sharded over ranks (equal batch
+    schema file's directory. ``features`` restricts the schema (and what is
+    read from disk) to those columns. Row groups are sharded over ranks (equal batch
     counts per rank when training) and over ``num_workers`` loader processes.
     """
 
@@ -31,10 +32,13 @@ class ParquetDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         shuffle_buffer_rows: int = 1 << 20,
         seed: int = 0,
+        features: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.schema_path = Path(schema_path)
         self.schema = Schema.load(self.schema_path)
+        if features is not None:
+            self.schema = self.schema.select(features)
         self.splits = {"train": train, "val": val, "test": test, "predict": predict}
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -107,6 +111,7 @@ class MovieLens100k(ParquetDataModule):
         num_workers: int = 0,
         shuffle_buffer_rows: int = 1 << 20,
         seed: int = 0,
+        features: list[str] | None = None,
     ) -> None:
         from rec_dist.data.movielens import prepare_movielens_100k
 
@@ -123,4 +128,5 @@ class MovieLens100k(ParquetDataModule):
             num_workers=num_workers,
             shuffle_buffer_rows=shuffle_buffer_rows,
             seed=seed,
+            features=features,
         )

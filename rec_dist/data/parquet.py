@@ -134,7 +134,10 @@ class ParquetBatches(IterableDataset):
         for group in groups:
             pf = files.get(group.path) or files.setdefault(group.path, pq.ParquetFile(group.path))
             try:
-                table = pf.read_row_group(group.index)
+                columns = [c for c in self.schema.columns if c in pf.schema_arrow.names]
+                if not self.labels:
+                    columns = [c for c in columns if c not in self.schema.labels]
+                table = pf.read_row_group(group.index, columns=columns)
             except (pa.ArrowInvalid, OSError) as err:
                 raise DataError(f"{group.path}: row group {group.index} cannot be read ({err})") from err
             if table.num_rows:

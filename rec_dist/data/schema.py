@@ -108,6 +108,17 @@ class Schema:
             )
         return self.features[name]
 
+    def select(self, features: list[str]) -> Schema:
+        """The schema restricted to ``features`` (and the tables they read); labels are kept."""
+        chosen = {name: self.feature(name) for name in features}
+        tables = {f.table: self.tables[f.table] for f in chosen.values() if f.table is not None}
+        return Schema(self.name, tables, chosen, self.labels, self.extra)
+
+    @property
+    def columns(self) -> list[str]:
+        """Every parquet column the schema reads."""
+        return [*self.features, *self.labels]
+
     @property
     def sequence_tables(self) -> set[str]:
         """Tables read by at least one sequence feature (these need unpooled lookups)."""

@@ -16,7 +16,8 @@ Shapes: query ``(B, D)``, keys ``(B, L, D)``, mask ``(B, L)`` bool (True at
 real positions) -> ``(B, D)``.
 
 The unit's MLP runs only on the real positions, so padding never enters the
-batch statistics of Dice or BatchNorm.
+batch statistics of Dice or BatchNorm and no compute is spent on it (finding
+them is one ``nonzero``: a host sync on GPU).
 """
 
 from __future__ import annotations
@@ -64,11 +65,14 @@ class TargetAttention(nn.Module):
             )
         if mask.shape != keys.shape[:2]:
             raise ValueError(f"TargetAttention: mask shape {tuple(mask.shape)} must be (B, L) = {keys.shape[:2]}")
+        batch, length, dim = keys.shape
         mask = mask.bool()
-        q = query.unsqueeze(1).expand_as(keys)  # (B, L, D)
-        units = torch.cat([q, keys, q - keys, q * keys], dim=-1)  # (B, L, 4D)
-        real = self.mlp(units[mask]).squeeze(-1)  # (N,), N = number of real positions
-        scores = real.new_zeros(mask.shape).masked_scatter(mask, real)  # (B, L)
+        real = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat indices of the real positions
+        k = keys.reshape(batch * length, dim).index_select(0, real)  # (N, D)
+        q = query.index_select(0, torch.div(real, length, rounding_mode="floor"))  # (N, D)
+        units = torch.cat([q, k, q - k, q * k], dim=1)  # (N, 4D)
+        weights = self.mlp(units).squeeze(1)  # (N,)
+        scores = weights.new_zeros(batch * length).scatter(0, real, weights).view(batch, length)  # (B, L)
         if self.softmax:
             lowest = torch.finfo(scores.dtype).min
             scores = scores.masked_fill(~mask, lowest).softmax(dim=1) * mask  # (B, L)

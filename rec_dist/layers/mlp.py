@@ -47,21 +47,26 @@ class Dice(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.num_features:
             raise ValueError(f"Dice: expected {self.num_features} channels in the last dimension, got {x.shape}")
-        flat = x.reshape(-1, self.num_features).float()  # (N, C); statistics in float32 under autocast
-        n = flat.shape[0]
-        if self.training and n > 0:
-            mean = flat.mean(dim=0)  # (C,)
-            var = flat.var(dim=0, unbiased=False)  # (C,)
-            with torch.no_grad():
-                # Running estimates as BatchNorm keeps them (unbiased variance).
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                if n > 1:
-                    unbiased = var.detach() * (n / (n - 1))
-                    self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        flat = x.reshape(-1, self.num_features)  # (N, C)
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()  # statistics in float32 under autocast
+        if self.training and flat.shape[0] <= 1:
+            # batch_norm refuses one row; its batch statistics would normalise it to 0 anyway.
+            z = torch.zeros_like(flat)  # (N, C)
         else:
-            mean, var = self.running_mean, self.running_var  # (C,)
-        p = torch.sigmoid((flat - mean) * torch.rsqrt(var + self.eps))  # (N, C)
-        out = p * flat + (1.0 - p) * self.alpha * flat  # (N, C)
+            # (s - E[s]) / sqrt(Var[s] + eps): batch statistics (biased variance) in training, where the
+            # running estimates are updated as BatchNorm does (momentum, unbiased variance); running
+            # estimates in evaluation.
+            z = nn.functional.batch_norm(
+                flat,
+                self.running_mean,
+                self.running_var,
+                training=self.training,
+                momentum=self.momentum,
+                eps=self.eps,
+            )  # (N, C)
+        p = torch.sigmoid(z)  # (N, C)
+        out = flat * (self.alpha + p * (1.0 - self.alpha))  # (N, C) = p*s + (1-p)*alpha*s
         return out.reshape(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -76,7 +76,9 @@ class RankingTask(pl.LightningModule):
             raise ValueError("RankingTask needs the data schema (the CLI links it from data.schema)")
         if label not in schema.labels or schema.labels[label].kind != "binary":
             binary = [n for n, lb in schema.labels.items() if lb.kind == "binary"]
-            raise ValueError(f"model.init_args.label: {label!r} is not a binary label of the schema; choose one of {binary}")
+            raise ValueError(
+                f"model.init_args.label: {label!r} is not a binary label of the schema; choose one of {binary}"
+            )
         if group_feature is not None:
             schema.feature(group_feature)
         self.schema = schema
