@@ -25,7 +25,7 @@ truncated to its ``max_len`` most recent events.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,9 @@ class Table:
     name: str
     num_embeddings: int
     embedding_dim: int
+    # Rows start as N(0, init_std^2), as in DeepCTR and FuxiCTR; TorchRec's default
+    # U(+-1/sqrt(n)) is far larger for small tables and cost ~0.015 test AUC on MovieLens.
+    init_std: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -135,12 +138,15 @@ class Schema:
         tables = {}
         for name, spec in raw["tables"].items():
             spec = _mapping(spec, f"{source}: tables.{name}")
-            _only(spec, {"num_embeddings", "embedding_dim"}, f"{source}: tables.{name}")
+            _only(spec, {"num_embeddings", "embedding_dim", "init_std"}, f"{source}: tables.{name}")
             for key in ("num_embeddings", "embedding_dim"):
                 value = spec.get(key)
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                     raise SchemaError(f"{source}: tables.{name}.{key} must be a positive integer, got {value!r}")
-            tables[name] = Table(name, spec["num_embeddings"], spec["embedding_dim"])
+            init_std = spec.get("init_std", Table.init_std)
+            if not isinstance(init_std, int | float) or isinstance(init_std, bool) or init_std <= 0:
+                raise SchemaError(f"{source}: tables.{name}.init_std must be a positive number, got {init_std!r}")
+            tables[name] = Table(name, spec["num_embeddings"], spec["embedding_dim"], float(init_std))
         features = {}
         for name, spec in raw["features"].items():
             where = f"{source}: features.{name}"
@@ -177,8 +183,7 @@ class Schema:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
-        out["tables"] = {t.name: {"num_embeddings": t.num_embeddings, "embedding_dim": t.embedding_dim}
-                         for t in self.tables.values()}
+        out["tables"] = {t.name: _non_default(asdict(t), Table) for t in self.tables.values()}
         out["features"] = {f.name: _non_default(asdict(f), Feature) for f in self.features.values()}
         out["labels"] = {lb.name: _non_default(asdict(lb), Label) for lb in self.labels.values()}
         out.update(self.extra)
@@ -205,8 +210,8 @@ def _only(spec: dict[str, Any], allowed: set[str], where: str) -> None:
 
 
 def _non_default(values: dict[str, Any], kind: type) -> dict[str, Any]:
-    defaults = kind.__dataclass_fields__
-    return {k: v for k, v in values.items() if k != "name" and v != defaults[k].default}
+    fields = kind.__dataclass_fields__
+    return {k: v for k, v in values.items() if k != "name" and (fields[k].default is MISSING or v != fields[k].default)}
 
 
 def _check_feature(f: Feature, tables: dict[str, Table], where: str) -> None:

@@ -8,6 +8,7 @@ sharded by DistributedModelParallel is the strategy's business.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from rec_dist.data.errors import SchemaError
 from rec_dist.data.schema import Feature, Schema, lookup_groups
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+FIRST_ORDER_INIT_STD = 1e-4  # per-id scalar weights start near zero (DeepCTR's choice)
 
 
 @dataclass
@@ -125,6 +127,10 @@ class FeatureEmbeddings(nn.Module):
         return EmbeddedFeatures(pooled, sequences, lengths, batch.dense, first)
 
 
+def _normal_init(std: float):
+    return partial(torch.nn.init.normal_, mean=0.0, std=std)
+
+
 def _pool_jagged(jt: JaggedTensor, pooling: str) -> torch.Tensor:
     values, lengths = jt.values(), jt.lengths()
     rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
@@ -159,6 +165,7 @@ def _bag_configs(schema: Schema, features: list[Feature], dim: int | None = None
                 embedding_dim=dim or spec.embedding_dim,
                 feature_names=[f.name for f in feats],
                 pooling=_POOLING[poolings.pop() if poolings else "sum"],
+                init_fn=_normal_init(spec.init_std if dim is None else FIRST_ORDER_INIT_STD),
             )
         )
     return configs
@@ -171,6 +178,7 @@ def _seq_configs(schema: Schema, features: list[Feature]):
             num_embeddings=schema.tables[table].num_embeddings,
             embedding_dim=schema.tables[table].embedding_dim,
             feature_names=[f.name for f in feats],
+            init_fn=_normal_init(schema.tables[table].init_std),
         )
         for table, feats in _tables_of(features).items()
     ]
