@@ -78,6 +78,11 @@ def build_cli_class():
                 return
             checkpoint = self.trainer.checkpoint_callback
             ckpt = "best" if checkpoint is not None and checkpoint.best_model_path else None
+            if ckpt and self.trainer.is_global_zero:
+                print(
+                    f"best {checkpoint.monitor} = {float(checkpoint.best_model_score):.4f} "
+                    f"({checkpoint.best_model_path}); testing it"
+                )
             self.trainer.test(self.model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
 
     return RecDistCLI

@@ -34,7 +34,11 @@ def _config(tmp_path: Path, data: Path, model: dict | None = None, epochs: int =
             "default_root_dir": str(tmp_path / "runs"),
             "logger": {
                 "class_path": "rec_dist.tracking.mlflow.MLflowLogger",
-                "init_args": {"experiment_name": "cli-test", "tracking_uri": f"sqlite:///{tmp_path}/mlruns.db"},
+                "init_args": {
+                    "experiment_name": "cli-test",
+                    "tracking_uri": f"sqlite:///{tmp_path}/mlruns.db",
+                    "checkpoint_dir": str(tmp_path / "ckpt"),
+                },
             },
         },
         "model": {
@@ -87,6 +91,8 @@ def test_fit_learns_and_is_tracked_in_mlflow(tmp_path, synth_dir, capsys):
     assert plots == {"plots/loss_curve.png", "plots/test_roc_curve.png", "plots/test_calibration_curve.png"}
     history = client.get_metric_history(run.info.run_id, "val/auc")
     assert len(history) == 2  # one point per epoch
+    (checkpoint,) = (tmp_path / "ckpt").rglob("*.ckpt")  # the best one, under the run's id
+    assert run.info.run_id in str(checkpoint)
 
 
 def test_run_is_marked_failed_when_training_raises(tmp_path, synth_dir):

@@ -1,6 +1,6 @@
 """Layers against naive per-sample references (explicit loops, one formula at a time).
 
-The ``ref_*`` functions are also used by ``test_models.py``.
+The ``ref_*`` functions are also used by ``test_models_deepfm_dcnv2.py and test_models_din.py``.
 """
 
 from __future__ import annotations

@@ -34,7 +34,9 @@ class MLflowLogger(MLFlowLogger):
         tracking_uri: str | None = None,
         tags: dict[str, Any] | None = None,
         log_model: bool = False,
+        checkpoint_dir: str = "checkpoints",
     ) -> None:
+        self.checkpoint_dir = checkpoint_dir
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,
@@ -43,8 +45,14 @@ class MLflowLogger(MLFlowLogger):
             log_model=log_model,
         )
 
-    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self.experiment.log_artifact(self.run_id, str(path), artifact_path)
+    @property
+    def save_dir(self) -> str | None:
+        """Checkpoints go to ``<checkpoint_dir>/<experiment id>/<run id>/checkpoints``.
+
+        The parent returns None for a database store, and Lightning would then
+        write into the working directory itself.
+        """
+        return super().save_dir or self.checkpoint_dir
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:

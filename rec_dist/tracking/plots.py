@@ -87,26 +87,24 @@ class RunPlots(pl.Callback):
         return fig
 
     def _roc_figure(self, scores, labels):
-        plt = _pyplot()
         fpr, tpr = roc_points(scores, labels)
-        fig, ax = plt.subplots(figsize=(4, 4))
-        ax.plot(fpr, tpr, label="model")
-        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
-        ax.set_xlabel("false positive rate")
-        ax.set_ylabel("true positive rate")
-        ax.legend()
-        return fig
+        return _curve_figure(fpr, tpr, "chance", "false positive rate", "true positive rate")
 
     def _calibration_figure(self, scores, labels):
-        plt = _pyplot()
         pred, rate = calibration_bins(scores, labels)
-        fig, ax = plt.subplots(figsize=(4, 4))
-        ax.plot(pred, rate, marker="o", label="model")
-        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect")
-        ax.set_xlabel("mean predicted probability")
-        ax.set_ylabel("observed positive rate")
-        ax.legend()
-        return fig
+        return _curve_figure(pred, rate, "perfect", "mean predicted probability", "observed positive rate", marker="o")
+
+
+def _curve_figure(x, y, diagonal: str, xlabel: str, ylabel: str, marker: str | None = None):
+    """A model curve on the unit square beside the y = x reference line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(x, y, marker=marker, label="model")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label=diagonal)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    return fig
 
 
 def _pyplot():

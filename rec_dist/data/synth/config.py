@@ -1,0 +1,73 @@
+"""Generator configuration and the planted coefficients (recorded in ``truth.json``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rec_dist.data.errors import RecDistError
+
+# user_group codes
+REGULAR, NEW = 1, 2
+
+COEFFICIENTS: dict[str, Any] = {
+    "users": {"old_interest_fraction": 0.3},
+    "impression": {"p_preferred": 0.3, "p_old_interest": 0.15},
+    "history": {
+        "regular_min_len_fraction": 0.5,
+        "new_max_len_fraction": 0.1,
+        "p_preferred_regular": 0.5,
+        "p_preferred_new": 0.0,
+        "old_zone_fraction": 0.1,
+        "p_old_interest_in_zone": 0.8,
+    },
+    "click": {
+        "regular": {"bias": -2.5, "preferred_category": 2.5, "old_interest_category": 2.0,
+                    "item_price": -0.4, "user_age_norm": 0.3},
+        "new": {"bias": -4.0, "item_popularity": 4.0, "item_price": -0.4},
+    },
+    "like_given_click": {"bias": -1.0, "regular_preferred_category": 1.5, "new_user": -0.5},
+    "purchase_given_click": {"bias": -2.0, "like": 1.0, "item_price": -0.5},
+    "watch_time": {"click_log_mean": math.log(30.0), "preferred_category": 0.5, "like": 0.5,
+                   "log_sigma": 0.5, "p_bounce": 0.3, "bounce_mean": 3.0},
+}
+
+
+@dataclass
+class SynthConfig:
+    num_rows: int = 100_000
+    num_users: int = 10_000
+    num_items: int = 50_000
+    num_categories: int = 50
+    seq_len: int = 50
+    zipf_a: float = 1.2
+    cold_start_fraction: float = 0.1
+    embedding_dim: int = 16
+    chunk_rows: int = 65_536
+    seed: int = 0
+
+    def validate(self) -> None:
+        def need(ok: bool, field: str, rule: str) -> None:
+            if not ok:
+                raise RecDistError(f"SynthConfig.{field} {rule}, got {getattr(self, field)!r}")
+
+        for name in ("num_rows", "num_users", "num_items", "num_categories", "seq_len",
+                     "embedding_dim", "chunk_rows", "seed"):
+            value = getattr(self, name)
+            need(isinstance(value, int | np.integer) and not isinstance(value, bool), name, "must be an int")
+        for name in ("num_rows", "num_users", "seq_len", "embedding_dim", "chunk_rows"):
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        need(self.num_users < 2**31, "num_users", "must be < 2**31")
+        need(self.num_items < 2**31, "num_items", "must be < 2**31")
+        need(self.num_categories >= 2, "num_categories", "must be >= 2")
+        need(self.num_items >= self.num_categories, "num_items", "must be >= num_categories")
+        for name in ("zipf_a", "cold_start_fraction"):
+            value = getattr(self, name)
+            need(isinstance(value, int | float | np.number) and not isinstance(value, bool), name,
+                 "must be a number")
+        need(math.isfinite(self.zipf_a) and self.zipf_a >= 0, "zipf_a", "must be a finite number >= 0")
+        need(0.0 <= self.cold_start_fraction <= 1.0, "cold_start_fraction", "must be in [0, 1]")
+
