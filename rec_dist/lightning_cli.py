@@ -29,6 +29,9 @@ def _trainer_defaults() -> dict:
         "log_every_n_steps": 10,
         "enable_model_summary": False,
         "deterministic": False,
+        # no_grad instead of inference_mode for eval: FBGEMM's fused CPU lookups
+        # (model.init_args.sparse_optimizer) cannot run on inference tensors.
+        "inference_mode": False,
     }
 
 

@@ -25,7 +25,7 @@ def synth_dir(tmp_path_factory) -> Path:
     return synthesize(out, config)
 
 
-def _config(tmp_path: Path, data: Path, model: dict | None = None, epochs: int = 2) -> Path:
+def _config(tmp_path: Path, data: Path, model: dict | None = None, epochs: int = 2, **task_args) -> Path:
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -47,6 +47,7 @@ def _config(tmp_path: Path, data: Path, model: dict | None = None, epochs: int =
                 "label": "click",
                 "model": model or {"class_path": "rec_dist.models.DeepFM", "init_args": {"hidden": [32, 16]}},
                 "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
+                **task_args,
             },
         },
         "data": {
@@ -93,6 +94,15 @@ def test_fit_learns_and_is_tracked_in_mlflow(tmp_path, synth_dir, capsys):
     assert len(history) == 2  # one point per epoch
     (checkpoint,) = (tmp_path / "ckpt").rglob("*.ckpt")  # the best one, under the run's id
     assert run.info.run_id in str(checkpoint)
+
+
+def test_fit_with_fused_sparse_optimizer_learns(tmp_path, synth_dir):
+    config = _config(tmp_path, synth_dir, sparse_optimizer={"name": "adagrad", "lr": 0.05})
+    main(["fit", "--config", str(config)])
+    (run,) = _runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test/auc"] > 0.7
+    assert run.data.params["model.init_args.sparse_optimizer.name"] == "adagrad"
 
 
 def test_run_is_marked_failed_when_training_raises(tmp_path, synth_dir):

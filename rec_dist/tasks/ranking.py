@@ -13,6 +13,7 @@ from torchmetrics.classification import BinaryAUROC
 
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
+from rec_dist.embedding.fused import SparseOptimizer, fuse_pooled_tables, fused_parameter_ids
 from rec_dist.metrics.gauc import GroupAUC
 
 # A model class whose first two arguments (schema, task names) the task fills in.
@@ -56,6 +57,10 @@ class EvalMetrics(nn.Module):
 class RankingTask(pl.LightningModule):
     """Trains any ranking model (``forward(batch) -> {task: logits}``) on one binary label.
 
+    ``sparse_optimizer`` fuses a row-wise Adagrad / Adagrad / SGD update
+    into the backward of the pooled embedding tables (``rec_dist.embedding.fused``);
+    ``optimizer`` then trains everything else.
+
     The model is given as a factory (``class_path`` + ``init_args`` in YAML)
     and built here from the data's schema, which the CLI links in from the
     datamodule, and the task's label, so a model config never repeats
@@ -70,6 +75,7 @@ class RankingTask(pl.LightningModule):
         group_feature: str | None = "user_id",
         optimizer: OptimizerFactory = torch.optim.Adam,
         lr_scheduler: SchedulerFactory | None = None,
+        sparse_optimizer: SparseOptimizer | None = None,
     ) -> None:
         super().__init__()
         if schema is None:
@@ -85,6 +91,9 @@ class RankingTask(pl.LightningModule):
         self.label = label
         self.group_feature = group_feature
         self.model = model(schema, (label,))
+        self.fused_on_cpu = False
+        if sparse_optimizer is not None:
+            self.fused_on_cpu = fuse_pooled_tables(self.model, sparse_optimizer) > 0
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.metrics = nn.ModuleDict({stage: EvalMetrics() for stage in STAGES})
@@ -99,6 +108,11 @@ class RankingTask(pl.LightningModule):
         return loss
 
     def _eval_step(self, batch: Batch, stage: str) -> None:
+        if self.fused_on_cpu and torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "sparse_optimizer on CPU: FBGEMM's fused CPU lookup cannot run under torch.inference_mode; "
+                "set trainer.inference_mode: false"
+            )
         logits = self(batch)
         groups = batch.ids(self.group_feature) if self.group_feature else None
         self.metrics[stage].update(logits, batch.labels[self.label], groups)
@@ -125,7 +139,8 @@ class RankingTask(pl.LightningModule):
         self._eval_epoch_end("test")
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
+        fused = fused_parameter_ids(self)  # updated inside the backward by their own optimizer
+        optimizer = self.optimizer_factory([p for p in self.parameters() if id(p) not in fused])
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}

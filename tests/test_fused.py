@@ -1,0 +1,62 @@
+"""Fused sparse optimizers: same forward, and the same update as torch's optimizer on an unfused copy."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+
+from rec_dist.data.columns import ColumnChunk
+from rec_dist.embedding.collection import FeatureEmbeddings
+from rec_dist.embedding.fused import SparseOptimizer, fuse_pooled_tables, fused_parameter_ids
+from tests.conftest import small_table
+
+
+def _batch(schema, seed=0):
+    return ColumnChunk.from_arrow(small_table(64, seed), schema, "mem").to_batch(schema)
+
+
+@pytest.mark.parametrize("name,reference", [("adagrad", torch.optim.Adagrad), ("sgd", torch.optim.SGD)])
+def test_fused_update_equals_torch_optimizer_on_unfused_copy(schema, name, reference):
+    torch.manual_seed(0)
+    plain = FeatureEmbeddings(schema, first_order=True)
+    fused = copy.deepcopy(plain)
+    assert fuse_pooled_tables(fused, SparseOptimizer(name, lr=0.1, eps=1e-8)) == 1  # first-order (dim 1) stays
+    assert isinstance(fused.pooled, FusedEmbeddingBagCollection)
+    assert type(fused.first_order_sparse) is EmbeddingBagCollection
+    kwargs = {"lr": 0.1, "eps": 1e-8} if name == "adagrad" else {"lr": 0.1}
+    optimizer = reference(plain.pooled.parameters(), **kwargs)
+    for step in range(3):
+        batch = _batch(schema, seed=step)
+        out_plain, out_fused = plain(batch), fused(batch)
+        for key in ("user_id", "genres"):
+            torch.testing.assert_close(out_fused.pooled[key], out_plain.pooled[key])
+        loss = lambda out: (out.pooled["user_id"] * 3 + out.pooled["genres"] ** 2).sum()  # noqa: E731
+        optimizer.zero_grad()
+        loss(out_plain).backward()
+        optimizer.step()
+        loss(out_fused).backward()  # the fused update happens here
+    for table in ("user", "genre"):
+        torch.testing.assert_close(
+            fused.pooled.state_dict()[f"embedding_bags.{table}.weight"],
+            plain.pooled.embedding_bags[table].weight.detach(),
+            rtol=1e-5, atol=1e-6,
+        )
+
+
+def test_fused_parameters_are_left_to_the_fused_optimizer(schema):
+    model = FeatureEmbeddings(schema, first_order=True)
+    fuse_pooled_tables(model, SparseOptimizer())
+    fused = fused_parameter_ids(model)
+    assert fused == {id(p) for p in model.pooled.parameters()}
+    assert not fused & {id(p) for p in model.first_order_sparse.parameters()}
+
+
+def test_row_wise_adagrad_on_cpu_and_unknown_names_are_clear_errors(schema):
+    with pytest.raises(ValueError, match="'row_wise_adagrad' has no CPU kernel.*adagrad"):
+        fuse_pooled_tables(FeatureEmbeddings(schema), SparseOptimizer("row_wise_adagrad"))
+    with pytest.raises(ValueError, match="sparse_optimizer.name must be one of"):
+        fuse_pooled_tables(FeatureEmbeddings(schema), SparseOptimizer("adam"))
