@@ -65,9 +65,14 @@ def build_cli_class():
             )
 
         def _instantiate_trainer(self, config: dict, callbacks: list):
-            # A rich progress bar unless the config turns progress bars off.
+            # A rich progress bar unless the config turns progress bars off; predict writes parquet.
             from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
+            if self.subcommand == "predict":
+                from rec_dist.tasks.predictions import ParquetPredictionWriter
+
+                if not any(isinstance(c, ParquetPredictionWriter) for c in callbacks):
+                    callbacks = [*callbacks, ParquetPredictionWriter()]
             if config.get("enable_progress_bar") is not False and not any(
                 isinstance(c, ProgressBar) for c in callbacks + list(config.get("callbacks") or [])
             ):

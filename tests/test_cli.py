@@ -96,6 +96,29 @@ def test_fit_learns_and_is_tracked_in_mlflow(tmp_path, synth_dir, capsys):
     assert run.info.run_id in str(checkpoint)
 
 
+def test_test_validate_predict_from_the_best_checkpoint(tmp_path, synth_dir, monkeypatch):
+    from sklearn.metrics import roc_auc_score
+
+    monkeypatch.chdir(tmp_path)
+    config = str(_config(tmp_path, synth_dir))
+    main(["fit", "--config", config])
+    (fit_run,) = _runs(tmp_path)
+    (checkpoint,) = (tmp_path / "ckpt").rglob("*.ckpt")
+    main(["test", "--config", config, "--ckpt_path", str(checkpoint)])
+    main(["validate", "--config", config, "--ckpt_path", str(checkpoint)])
+    main(["predict", "--config", config, "--ckpt_path", str(checkpoint)])
+    runs = {tuple(sorted(k.split("/")[0] for k in r.data.metrics)): r for r in _runs(tmp_path)}
+    test_run = next(r for r in runs.values() if r.info.run_id != fit_run.info.run_id and "test/auc" in r.data.metrics)
+    assert test_run.data.metrics["test/auc"] == pytest.approx(fit_run.data.metrics["test/auc"], abs=1e-6)
+    assert any("val/auc" in r.data.metrics and r.info.run_id != fit_run.info.run_id for r in runs.values())
+    predictions = pq.read_table(tmp_path / "predictions" / "predictions.parquet")
+    test = pq.read_table(synth_dir / "test.parquet")
+    assert predictions.num_rows == test.num_rows
+    assert predictions.column("user_id").to_pylist() == test.column("user_id").to_pylist()  # unshuffled order
+    auc = roc_auc_score(test.column("click").to_numpy(), predictions.column("click").to_numpy())
+    assert auc == pytest.approx(fit_run.data.metrics["test/auc"], abs=1e-5)
+
+
 def test_fit_with_fused_sparse_optimizer_learns(tmp_path, synth_dir):
     config = _config(tmp_path, synth_dir, sparse_optimizer={"name": "adagrad", "lr": 0.05})
     main(["fit", "--config", str(config)])

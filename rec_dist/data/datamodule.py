@@ -16,7 +16,7 @@ class ParquetDataModule(pl.LightningDataModule):
 
     Paths are files, directories of ``*.parquet`` or globs, relative to the
     schema file's directory. ``features`` restricts the schema (and what is
-    read from disk) to those columns. Row groups are sharded over ranks (equal batch
+    read from disk) to those columns. ``predict`` defaults to the test split. Row groups are sharded over ranks (equal batch
     counts per rank when training) and over ``num_workers`` loader processes.
     """
 
@@ -54,6 +54,8 @@ class ParquetDataModule(pl.LightningDataModule):
         return list_parquet(spec, root=self.schema_path.parent)
 
     def dataset(self, split: str) -> ParquetBatches:
+        if split == "predict" and self.splits["predict"] is None:
+            split = "test"
         if split not in self._datasets:
             trainer = self.trainer
             rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)

@@ -124,7 +124,14 @@ class RankingTask(pl.LightningModule):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        return {name: torch.sigmoid(logit) for name, logit in self.model(batch).items()}
+        """Probabilities per task, beside the user / item ids they score (when the schema names them)."""
+        out = {}
+        for key in ("user_column", "item_column"):
+            column = self.schema.extra.get(key)
+            if column in self.schema.features and self.schema.features[column].kind == "sparse":
+                out[column] = batch.ids(column)
+        out.update({name: torch.sigmoid(logit) for name, logit in self.model(batch).items()})
+        return out
 
     def _eval_epoch_end(self, stage: str) -> None:
         values = self.metrics[stage].compute()
