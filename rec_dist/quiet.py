@@ -12,6 +12,8 @@ _NOISY_LOGGERS = (
     "fbgemm_gpu",
     "torch.distributed.elastic",
     "torch._dynamo",
+    "mlflow.store.db.utils",
+    "alembic",
 )
 
 
@@ -21,7 +23,7 @@ def quiet_startup() -> None:
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in _NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.WARNING if name.startswith(("mlflow", "alembic")) else logging.ERROR)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

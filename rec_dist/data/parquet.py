@@ -170,11 +170,6 @@ class ParquetBatches(IterableDataset):
                 yield merged.slice(start, start + self.batch_size).to_batch(self.schema)
 
 
-def first_batch(files: list[str], schema: Schema, batch_size: int) -> Batch:
-    """One batch from the start of ``files`` (for examples and smoke checks)."""
-    return next(iter(ParquetBatches(files, schema, batch_size)))
-
-
 def loader_kwargs(num_workers: int) -> dict:
     return {
         "batch_size": None,
