@@ -38,6 +38,7 @@ def _trainer_defaults() -> dict:
 def build_cli_class():
     from lightning.pytorch.cli import LightningCLI
 
+    import rec_dist.distributed.strategy  # noqa: F401  (registers --trainer.strategy torchrec)
     from rec_dist.tracking.mlflow import LogConfigToMLflow
 
     class RecDistCLI(LightningCLI):

@@ -30,4 +30,7 @@ def quiet_startup() -> None:
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*has .__len__. defined.*")
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers. is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    logging.getLogger().addFilter(lambda record: "Sharding spec not found" not in record.getMessage())
     warnings.filterwarnings("ignore", message=".*torch.tensor results are registered as constants.*")

@@ -125,8 +125,8 @@ def ref_fields(model: nn.Module, rows: dict[str, list], b: int) -> dict[str, tor
 def ref_first_order(model: nn.Module, rows: dict[str, list], b: int) -> torch.Tensor:
     bags = model.embeddings.first_order_sparse.embedding_bags
     seq_bags = model.embeddings.first_order_sequence.embedding_bags
-    user, tag = bags["user_first_order"].weight[:, 0], bags["tag_first_order"].weight[:, 0]
-    item, genre = seq_bags["item_first_order"].weight[:, 0], seq_bags["genre_first_order"].weight[:, 0]
+    user, tag = bags["user_first_order"].weight.sum(1), bags["tag_first_order"].weight.sum(1)
+    item, genre = seq_bags["item_first_order"].weight.sum(1), seq_bags["genre_first_order"].weight.sum(1)
     total = user[rows["user_id"][b]] + item[rows["item_id"][b]] + genre[rows["primary_genre"][b]]
     for weight, ids in ((tag, rows["tags"][b]), (genre, rows["genres"][b])):
         if ids:
@@ -197,4 +197,40 @@ def history_task(n: int = 500, seed: int = 0):
     hist = [rng.choice(members[g], rng.integers(1, 6)).tolist() for g in taste]
     items = rng.integers(0, 20, n)
     rows = {"item_id": items.tolist(), "hist_item_id": hist, "like": (group[items] == taste).astype(float).tolist()}
+    return schema, to_batch(schema, rows)
+
+
+def multitask_task(n: int = 600, seed: int = 0):
+    """Two correlated binary tasks on id pairs (the ESMM chain): ``click`` = the user's hidden group equals the
+    item's; ``like`` = click AND a second hidden user bit equals the item's (so like implies click). A
+    ``user_group`` feature (two values, unrelated to the labels) serves the personalisation knobs."""
+    schema = Schema.from_dict(
+        {
+            "name": "multitask",
+            "tables": {
+                "user": {"num_embeddings": 30, "embedding_dim": 8},
+                "item": {"num_embeddings": 30, "embedding_dim": 8},
+                "group": {"num_embeddings": 3, "embedding_dim": 4},
+            },
+            "features": {
+                "user_id": {"kind": "sparse", "table": "user"},
+                "item_id": {"kind": "sparse", "table": "item"},
+                "user_group": {"kind": "sparse", "table": "group"},
+            },
+            "labels": {"click": {"kind": "binary"}, "like": {"kind": "binary"}},
+        }
+    )
+    rng = np.random.default_rng(seed)
+    click_u, click_i = rng.permutation(np.arange(30) % 2), rng.permutation(np.arange(30) % 2)
+    like_u, like_i = rng.permutation(np.arange(30) % 2), rng.permutation(np.arange(30) % 2)
+    users, items = rng.integers(0, 30, n), rng.integers(0, 30, n)
+    click = click_u[users] == click_i[items]
+    like = click & (like_u[users] == like_i[items])
+    rows = {
+        "user_id": users.tolist(),
+        "item_id": items.tolist(),
+        "user_group": (1 + users % 2).tolist(),
+        "click": click.astype(float).tolist(),
+        "like": like.astype(float).tolist(),
+    }
     return schema, to_batch(schema, rows)

@@ -59,12 +59,31 @@ def test_ranks_partition_rows_and_equal_batches(small_parquet, schema):
     for rank in range(3):
         data = ParquetBatches(paths, schema, batch_size=8, rank=rank, world_size=3)
         rows = _rows(list(data))
+        assert abs(len(rows) - 130 / 3) < 1  # equal row ranges, not whole row groups
         seen.append(rows)
         counts.append(len(data))
-    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.sort(table.column("price").to_numpy()))
-    equal = [len(list(ParquetBatches(paths, schema, batch_size=8, rank=r, world_size=3, equal_batches=True)))
-             for r in range(3)]
-    assert len(set(equal)) == 1 and equal[0] == min(counts)
+    np.testing.assert_array_equal(np.concatenate(seen), table.column("price").to_numpy())  # contiguous, in order
+    for mode, expected in (("min", min(counts)), ("max", max(counts))):
+        per_rank = [list(ParquetBatches(paths, schema, batch_size=8, rank=r, world_size=3, equal_batches=mode))
+                    for r in range(3)]
+        assert [len(b) for b in per_rank] == [expected] * 3
+    # Padding for evaluation: every row once, plus empty batches where a rank ran short.
+    padded = [b for r in range(3) for b in ParquetBatches(paths, schema, batch_size=8, rank=r, world_size=3,
+                                                            equal_batches="max")]
+    np.testing.assert_array_equal(np.sort(_rows(padded)), np.sort(table.column("price").to_numpy()))
+
+
+def test_more_parts_than_row_groups_splits_inside_row_groups(tmp_path, schema):
+    import pyarrow.parquet as pq
+
+    from tests.conftest import small_table
+
+    table = small_table(50)
+    pq.write_table(table, tmp_path / "one.parquet")  # one row group
+    parts = [_rows(list(ParquetBatches([str(tmp_path / "one.parquet")], schema, batch_size=4, rank=r, world_size=4)))
+             for r in range(4)]
+    assert [len(p) for p in parts] == [12, 13, 12, 13]
+    np.testing.assert_array_equal(np.concatenate(parts), table.column("price").to_numpy())
 
 
 def test_take_matches_python_gather(schema):
@@ -86,6 +105,6 @@ def test_loader_workers_yield_all_rows(small_parquet, schema):
     from rec_dist.data.parquet import loader_kwargs
 
     paths, table = small_parquet
-    loader = DataLoader(ParquetBatches(paths, schema, batch_size=16), **loader_kwargs(2))
+    loader = DataLoader(ParquetBatches(paths, schema, batch_size=16, num_workers=2), **loader_kwargs(2))
     rows = _rows(list(loader))
     np.testing.assert_array_equal(np.sort(rows), np.sort(table.column("price").to_numpy()))

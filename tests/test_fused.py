@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
 from rec_dist.data.columns import ColumnChunk
@@ -24,9 +23,9 @@ def test_fused_update_equals_torch_optimizer_on_unfused_copy(schema, name, refer
     torch.manual_seed(0)
     plain = FeatureEmbeddings(schema, first_order=True)
     fused = copy.deepcopy(plain)
-    assert fuse_pooled_tables(fused, SparseOptimizer(name, lr=0.1, eps=1e-8)) == 1  # first-order (dim 1) stays
+    assert fuse_pooled_tables(fused, SparseOptimizer(name, lr=0.1, eps=1e-8)) == 3  # pooled + both first-order
     assert isinstance(fused.pooled, FusedEmbeddingBagCollection)
-    assert type(fused.first_order_sparse) is EmbeddingBagCollection
+    assert type(fused.unpooled) is not FusedEmbeddingBagCollection  # sequences: dense optimizer
     kwargs = {"lr": 0.1, "eps": 1e-8} if name == "adagrad" else {"lr": 0.1}
     optimizer = reference(plain.pooled.parameters(), **kwargs)
     for step in range(3):
@@ -51,8 +50,9 @@ def test_fused_parameters_are_left_to_the_fused_optimizer(schema):
     model = FeatureEmbeddings(schema, first_order=True)
     fuse_pooled_tables(model, SparseOptimizer())
     fused = fused_parameter_ids(model)
-    assert fused == {id(p) for p in model.pooled.parameters()}
-    assert not fused & {id(p) for p in model.first_order_sparse.parameters()}
+    assert fused == {id(p) for m in (model.pooled, model.first_order_sparse, model.first_order_sequence)
+                     for p in m.parameters()}
+    assert not fused & {id(p) for p in model.unpooled.parameters()}
 
 
 def test_row_wise_adagrad_on_cpu_and_unknown_names_are_clear_errors(schema):

@@ -69,7 +69,8 @@ class ParquetDataModule(pl.LightningDataModule):
                 seed=self.seed,
                 rank=rank,
                 world_size=world,
-                equal_batches=training,
+                num_workers=self.num_workers,
+                equal_batches="min" if training else "max",
                 labels=split != "predict",
             )
         dataset = self._datasets[split]

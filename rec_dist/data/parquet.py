@@ -28,9 +28,30 @@ from rec_dist.data.schema import Schema
 
 @dataclass(frozen=True)
 class RowGroup:
+    """Rows ``[start, stop)`` of one parquet row group (the whole group by default)."""
+
     path: str
     index: int
     num_rows: int
+    start: int = 0
+    stop: int | None = None
+
+    @property
+    def rows(self) -> int:
+        return (self.num_rows if self.stop is None else self.stop) - self.start
+
+
+def split_rows(groups: list[RowGroup], part: int, parts: int) -> list[RowGroup]:
+    """Part ``part`` of ``parts`` equal contiguous row ranges over ``groups`` (sizes differ by <= 1 row)."""
+    total = sum(g.rows for g in groups)
+    low, high = part * total // parts, (part + 1) * total // parts
+    out, offset = [], 0
+    for group in groups:
+        begin, end = max(low - offset, 0), min(high - offset, group.rows)
+        if begin < end:
+            out.append(RowGroup(group.path, group.index, group.num_rows, group.start + begin, group.start + end))
+        offset += group.rows
+    return out
 
 
 def list_parquet(spec: str | os.PathLike, root: str | os.PathLike | None = None) -> list[str]:
@@ -64,10 +85,14 @@ def row_groups(files: list[str]) -> list[RowGroup]:
 
 
 class ParquetBatches(IterableDataset):
-    """Batches of a parquet split, sharded by row group over ``world_size`` x loader workers.
+    """Batches of a parquet split, sharded over ``world_size`` ranks x ``num_workers`` loader workers.
 
-    With ``equal_batches`` every rank yields the same number of batches (what
-    collective training needs), computed from the footers alone.
+    The rows are cut into ``world_size * max(1, num_workers)`` equal contiguous
+    parts (sizes differ by at most one row). Collective training and sharded
+    evaluation need every rank to run the same number of steps, so with
+    ``equal_batches="min"`` (training) every part stops at the smallest part's
+    batch count, and with ``"max"`` (evaluation: no row may be lost) smaller
+    parts are padded with empty batches. Both counts come from the footers.
     """
 
     def __init__(
@@ -81,14 +106,18 @@ class ParquetBatches(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        equal_batches: bool = False,
+        num_workers: int = 0,
+        equal_batches: str | None = None,
         labels: bool = True,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if equal_batches not in (None, "min", "max"):
+            raise ValueError(f"equal_batches must be None, 'min' or 'max', got {equal_batches!r}")
         self.files, self.schema, self.batch_size = files, schema, batch_size
         self.shuffle, self.shuffle_buffer_rows, self.drop_last = shuffle, shuffle_buffer_rows, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.workers = max(1, num_workers)
         self.equal_batches, self.labels = equal_batches, labels
         self.groups = row_groups(files)
         self.epoch = 0
@@ -96,38 +125,50 @@ class ParquetBatches(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _rank_groups(self, rank: int) -> list[RowGroup]:
-        return self.groups[rank :: self.world_size]
+    def _part(self, rank: int, worker: int) -> list[RowGroup]:
+        return split_rows(self.groups, rank * self.workers + worker, self.world_size * self.workers)
 
     def _batches_of(self, rows: int) -> int:
         return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
 
-    def batches_per_rank(self) -> int:
-        counts = [self._batches_of(sum(g.num_rows for g in self._rank_groups(r))) for r in range(self.world_size)]
-        return min(counts) if self.equal_batches else counts[self.rank]
+    def _batches_per_part(self, rank: int, worker: int) -> int:
+        counts = [
+            self._batches_of(sum(g.rows for g in self._part(r, w)))
+            for r in range(self.world_size)
+            for w in range(self.workers)
+        ]
+        if self.equal_batches == "min":
+            return min(counts)
+        if self.equal_batches == "max":
+            return max(counts)
+        return counts[rank * self.workers + worker]
 
     def __len__(self) -> int:
-        return self.batches_per_rank()
+        return sum(self._batches_per_part(self.rank, w) for w in range(self.workers))
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        groups = self._rank_groups(self.rank)
+        worker = info.id if info else 0
+        if info is not None and info.num_workers != self.workers:
+            raise ValueError(f"ParquetBatches built for {self.workers} workers runs in {info.num_workers}")
+        groups = self._part(self.rank, worker)
         rng = np.random.default_rng((self.seed, self.epoch, self.rank, worker))
         if self.shuffle:
-            groups = [groups[i] for i in np.random.default_rng((self.seed, self.epoch, self.rank)).permutation(len(groups))]
-        mine = groups[worker::workers]
-        limit = self.batches_per_rank() if self.equal_batches else None
-        if limit is not None and workers > 1:
-            # Split the rank's budget over workers in proportion to their rows.
-            rows = [sum(g.num_rows for g in groups[w::workers]) for w in range(workers)]
-            limit = int(limit * rows[worker] / max(1, sum(rows)))
+            groups = [groups[i] for i in rng.permutation(len(groups))]
+        target = self._batches_per_part(self.rank, worker)
         emitted = 0
-        for batch in self._cut(self._chunks(mine), rng):
-            if limit is not None and emitted >= limit:
+        empty = None
+        for batch, chunk in self._cut(self._chunks(groups), rng):
+            if emitted >= target:
                 return
+            empty = chunk
             emitted += 1
             yield batch
+        while emitted < target and self.equal_batches == "max":
+            # Padding for collectives: an empty batch (0 rows) of the same columns.
+            empty = empty if empty is not None else next(self._chunks(self.groups[:1]))
+            yield empty.slice(0, 0).to_batch(self.schema)
+            emitted += 1
 
     def _chunks(self, groups: list[RowGroup]) -> Iterator[ColumnChunk]:
         files: dict[str, pq.ParquetFile] = {}
@@ -140,11 +181,16 @@ class ParquetBatches(IterableDataset):
                 table = pf.read_row_group(group.index, columns=columns)
             except (pa.ArrowInvalid, OSError) as err:
                 raise DataError(f"{group.path}: row group {group.index} cannot be read ({err})") from err
+            if group.start or group.stop is not None:
+                table = table.slice(group.start, group.rows)
             if table.num_rows:
                 yield ColumnChunk.from_arrow(table, self.schema, group.path, labels=self.labels)
 
-    def _cut(self, chunks: Iterator[ColumnChunk], rng: np.random.Generator) -> Iterator[Batch]:
-        """Fill a buffer of rows, shuffle it, cut full batches; the rest carries over."""
+    def _cut(self, chunks: Iterator[ColumnChunk], rng: np.random.Generator) -> Iterator[tuple[Batch, ColumnChunk]]:
+        """Fill a buffer of rows, shuffle it, cut full batches; the rest carries over.
+
+        Yields each batch with the chunk it came from (a template for padding batches).
+        """
         buffer: list[ColumnChunk] = []
         buffered = 0
         target = self.shuffle_buffer_rows if self.shuffle else self.batch_size
@@ -157,7 +203,7 @@ class ParquetBatches(IterableDataset):
                     merged = merged.take(rng.permutation(merged.num_rows))
                 full = (merged.num_rows // self.batch_size) * self.batch_size
                 for start in range(0, full, self.batch_size):
-                    yield merged.slice(start, start + self.batch_size).to_batch(self.schema)
+                    yield merged.slice(start, start + self.batch_size).to_batch(self.schema), merged
                 buffer = [merged.slice(full, merged.num_rows)] if full < merged.num_rows else []
                 buffered = merged.num_rows - full
         if buffered:
@@ -167,7 +213,7 @@ class ParquetBatches(IterableDataset):
             for start in range(0, merged.num_rows, self.batch_size):
                 if self.drop_last and start + self.batch_size > merged.num_rows:
                     return
-                yield merged.slice(start, start + self.batch_size).to_batch(self.schema)
+                yield merged.slice(start, start + self.batch_size).to_batch(self.schema), merged
 
 
 def loader_kwargs(num_workers: int) -> dict:

@@ -21,7 +21,11 @@ from rec_dist.data.errors import SchemaError
 from rec_dist.data.schema import Feature, Schema, lookup_groups
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
-FIRST_ORDER_INIT_STD = 1e-4  # per-id scalar weights start near zero (DeepCTR's choice)
+# An id's first-order weight is the sum of a FIRST_ORDER_DIM-wide row: the same function
+# class as one scalar, but a width FBGEMM's fused and sharded kernels accept (multiples
+# of 4), so these tables shard and train like every other table.
+FIRST_ORDER_DIM = 4
+FIRST_ORDER_INIT_STD = 1e-4 / FIRST_ORDER_DIM**0.5  # the summed weight starts at N(0, 1e-4^2), as in DeepCTR
 
 
 @dataclass
@@ -60,6 +64,7 @@ class FeatureEmbeddings(nn.Module):
     Pooled features go through one EmbeddingBagCollection; tables read by a
     sequence (and every feature sharing them) through one EmbeddingCollection
     (see ``lookup_groups``). ``first_order=True`` adds a scalar weight per id
+    (stored as a row of ``FIRST_ORDER_DIM`` summed values)
     (dimension-1 tables), as FM/DeepFM's linear term needs.
     """
 
@@ -92,11 +97,11 @@ class FeatureEmbeddings(nn.Module):
             non_seq = [f for f in unpooled if f.kind != "sequence"]
             if pooled:
                 self.first_order_sparse = EmbeddingBagCollection(
-                    tables=_bag_configs(schema, pooled, dim=1, suffix="_first_order"), device=device
+                    tables=_bag_configs(schema, pooled, dim=FIRST_ORDER_DIM, suffix="_first_order"), device=device
                 )
             if non_seq:
                 self.first_order_sequence = EmbeddingBagCollection(
-                    tables=_bag_configs(schema, non_seq, dim=1, suffix="_first_order"), device=device
+                    tables=_bag_configs(schema, non_seq, dim=FIRST_ORDER_DIM, suffix="_first_order"), device=device
                 )
 
     def forward(self, batch: Batch) -> EmbeddedFeatures:

@@ -13,8 +13,8 @@ Adam; with million-row tables 3.9 ms vs 171 ms, since a dense optimizer
 touches every row every step. TorchRec's fused ``EmbeddingCollection`` (unpooled,
 for sequences) is CUDA-only in torchrec 1.8, so sequence tables keep the
 dense optimizer here, and so do collections with a table whose dimension
-is not a multiple of 4 (FBGEMM's limit; e.g. FM's first-order weights);
-sharded training (DistributedModelParallel) fuses both kinds.
+is not a multiple of 4 (FBGEMM's limit); sharded training
+(DistributedModelParallel) fuses both kinds.
 """
 
 from __future__ import annotations
@@ -88,10 +88,12 @@ def fuse_pooled_tables(model: nn.Module, optimizer: SparseOptimizer) -> int:
 
 
 def fused_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of the parameters that a fused embedding module updates itself."""
-    return {
+    """ids of the parameters that an optimizer in the backward updates (fused tables, sharded or not)."""
+    ids = {
         id(p)
         for module in model.modules()
         if isinstance(module, FusedEmbeddingBagCollection)
         for p in module.parameters()
     }
+    ids |= {id(p) for p in model.parameters() if hasattr(p, "_in_backward_optimizers")}
+    return ids

@@ -91,12 +91,23 @@ class RankingTask(pl.LightningModule):
         self.label = label
         self.group_feature = group_feature
         self.model = model(schema, (label,))
+        self.sparse_optimizer = sparse_optimizer
         self.fused_on_cpu = False
-        if sparse_optimizer is not None:
-            self.fused_on_cpu = fuse_pooled_tables(self.model, sparse_optimizer) > 0
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.metrics = nn.ModuleDict({stage: EvalMetrics() for stage in STAGES})
+
+    def configure_model(self) -> None:
+        """Fuse the sparse optimizer into the pooled tables (single process; idempotent).
+
+        Under the torchrec strategy DistributedModelParallel does this instead.
+        """
+        from rec_dist.distributed.strategy import TorchRecStrategy
+
+        if self.sparse_optimizer is None or isinstance(self.trainer.strategy, TorchRecStrategy):
+            return
+        fuse_pooled_tables(self.model, self.sparse_optimizer)
+        self.fused_on_cpu = self.device.type == "cpu" and bool(fused_parameter_ids(self))
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.model(batch)[self.label]
@@ -104,7 +115,10 @@ class RankingTask(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logits = self(batch)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels[self.label])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch.batch_size)
+        self.log(
+            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch.batch_size,
+            sync_dist=self.trainer.world_size > 1,
+        )
         return loss
 
     def _eval_step(self, batch: Batch, stage: str) -> None:

@@ -1,0 +1,149 @@
+"""TorchRec sharding over 2 gloo processes equals the single-process unsharded model.
+
+Both runs start from the same weights and see the same global batches (each
+rank gets its half). Embedding tables train with Adagrad (fused into the
+backward when sharded, ``torch.optim.Adagrad`` unsharded), dense layers with
+Adam. Embedding gradients are summed over ranks while dense gradients are
+averaged; Adagrad is invariant to that factor, so the runs agree step by step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from rec_dist.data.columns import ColumnChunk
+from rec_dist.data.schema import Schema
+from rec_dist.distributed.planner import ShardingConfig, TableSharding, table_constraints
+from rec_dist.embedding.fused import SparseOptimizer, fused_parameter_ids
+from rec_dist.models import DCNv2
+from tests.conftest import SMALL_SCHEMA, small_table
+
+SHARDING_TYPES = ["table_wise", "column_wise", "table_column_wise", "data_parallel"]
+STEPS, GLOBAL_BATCH, LR = 4, 32, 0.05
+
+
+def _model(schema: Schema) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return DCNv2(schema, ("like",), num_cross_layers=1, hidden=(16,))
+
+
+def _global_batches(schema: Schema) -> list[ColumnChunk]:
+    table = small_table(STEPS * GLOBAL_BATCH, seed=3)
+    planted = (table.column("user_id").to_numpy() % 2).astype("float32")  # a signal to learn
+    table = table.set_column(table.column_names.index("like"), "like", [planted])
+    chunk = ColumnChunk.from_arrow(table, schema, "mem")
+    return [chunk.slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH) for i in range(STEPS)]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from rec_dist.distributed.strategy import shard_model
+    from rec_dist.quiet import quiet_startup
+
+    quiet_startup()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    schema = Schema.from_dict(SMALL_SCHEMA)
+    results = {}
+    for sharding_type in SHARDING_TYPES:
+        kernel = ["dense"] if sharding_type == "data_parallel" else None
+        # The item table is read by a sequence: on CPU only table_wise / column_wise exist for it.
+        item_type = sharding_type if sharding_type in ("table_wise", "column_wise") else "table_wise"
+        config = ShardingConfig(tables={
+            "user": TableSharding([sharding_type], kernel), "genre": TableSharding([sharding_type], kernel),
+            "item": TableSharding([item_type]),
+        })
+        dmp, plan = shard_model(_model(schema), SparseOptimizer("adagrad", lr=LR), config, torch.device("cpu"),
+                                world, dist.group.WORLD)
+        fused = fused_parameter_ids(dmp)
+        dense = torch.optim.Adam([p for p in dmp.parameters() if id(p) not in fused], lr=LR)
+        losses, logits0 = [], None
+        for step, chunk in enumerate(_global_batches(schema)):
+            half = GLOBAL_BATCH // world
+            batch = chunk.slice(rank * half, (rank + 1) * half).to_batch(schema)
+            logits = dmp(batch)["like"]
+            loss = F.binary_cross_entropy_with_logits(logits, batch.labels["like"])
+            dense.zero_grad()
+            loss.backward()
+            dense.step()
+            gathered = [torch.zeros_like(logits) for _ in range(world)]
+            dist.all_gather(gathered, logits.detach())
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            losses.append(total.item() / world)
+            if step == 0:
+                logits0 = torch.cat(gathered).tolist()
+        results[sharding_type] = {"losses": losses, "logits0": logits0, "plan": plan}
+        dist.barrier()
+    if rank == 0:
+        with open(out, "w") as fh:
+            json.dump(results, fh)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory) -> dict:
+    out = str(tmp_path_factory.mktemp("sharding") / "results.json")
+    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    with open(out) as fh:
+        return json.load(fh)
+
+
+def reference_run(dense_tables: tuple[str, ...] = ()) -> dict:
+    """The unsharded model on full global batches; tables by torch's Adagrad, the rest (and
+    ``dense_tables``, which data_parallel replicates and the dense optimizer trains) by Adam."""
+    schema = Schema.from_dict(SMALL_SCHEMA)
+    model = _model(schema)
+    tables = [p for n, p in model.named_parameters()
+              if "embedding" in n and not any(f".{t}.weight" in n for t in dense_tables)]
+    ids = {id(p) for p in tables}
+    sparse = torch.optim.Adagrad(tables, lr=LR, eps=1e-8)
+    dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in ids], lr=LR)
+    losses, logits0 = [], None
+    for step, chunk in enumerate(_global_batches(schema)):
+        batch = chunk.to_batch(schema)
+        logits = model(batch)["like"]
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels["like"])
+        sparse.zero_grad()
+        dense.zero_grad()
+        loss.backward()
+        sparse.step()
+        dense.step()
+        losses.append(loss.item())
+        if step == 0:
+            logits0 = logits.detach().tolist()
+    return {"losses": losses, "logits0": logits0}
+
+
+@pytest.mark.parametrize("sharding_type", SHARDING_TYPES)
+def test_sharded_training_equals_unsharded(sharded_runs, sharding_type):
+    run = sharded_runs[sharding_type]
+    reference = reference_run(("user", "genre") if sharding_type == "data_parallel" else ())
+    assert sharding_type in run["plan"]
+    torch.testing.assert_close(torch.tensor(run["logits0"]), torch.tensor(reference["logits0"]), rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=1e-4, atol=1e-5)
+    assert reference["losses"][-1] < reference["losses"][0]  # it trains
+
+
+def test_row_wise_on_cpu_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"table 'user': sharding types \['row_wise'\] are not available for a "
+                                         r"pooled table on cpu; it supports \['table_wise', 'column_wise'"):
+        table_constraints({"user": (8, True)}, ShardingConfig(tables={"user": TableSharding(["row_wise"])}),
+                          torch.device("cpu"))
+    assert table_constraints({"user": (8, True)}, ShardingConfig(tables={"user": TableSharding(["row_wise"])}),
+                             torch.device("cuda"))["user"] == (["row_wise"], ["fused"])
