@@ -23,7 +23,7 @@ def _trainer_defaults() -> dict:
         "logger": {"class_path": "rec_dist.tracking.mlflow.MLflowLogger"},
         "callbacks": [
             RunPlots(),
-            ModelCheckpoint(monitor="val/auc", mode="max", filename="best-{epoch}"),
+            ModelCheckpoint(monitor="val/auc", mode="max", filename="best-{epoch}", save_last=True),
         ],
         "max_epochs": 5,
         "log_every_n_steps": 10,

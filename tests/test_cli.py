@@ -92,7 +92,7 @@ def test_fit_learns_and_is_tracked_in_mlflow(tmp_path, synth_dir, capsys):
     assert plots == {"plots/loss_curve.png", "plots/test_roc_curve.png", "plots/test_calibration_curve.png"}
     history = client.get_metric_history(run.info.run_id, "val/auc")
     assert len(history) == 2  # one point per epoch
-    (checkpoint,) = (tmp_path / "ckpt").rglob("*.ckpt")  # the best one, under the run's id
+    (checkpoint,) = (tmp_path / "ckpt").rglob("best-*.ckpt")  # under the run's id, beside last.ckpt
     assert run.info.run_id in str(checkpoint)
 
 
@@ -103,7 +103,7 @@ def test_test_validate_predict_from_the_best_checkpoint(tmp_path, synth_dir, mon
     config = str(_config(tmp_path, synth_dir))
     main(["fit", "--config", config])
     (fit_run,) = _runs(tmp_path)
-    (checkpoint,) = (tmp_path / "ckpt").rglob("*.ckpt")
+    (checkpoint,) = (tmp_path / "ckpt").rglob("best-*.ckpt")
     main(["test", "--config", config, "--ckpt_path", str(checkpoint)])
     main(["validate", "--config", config, "--ckpt_path", str(checkpoint)])
     main(["predict", "--config", config, "--ckpt_path", str(checkpoint)])
@@ -126,6 +126,28 @@ def test_fit_with_fused_sparse_optimizer_learns(tmp_path, synth_dir):
     assert run.info.status == "FINISHED"
     assert run.data.metrics["test/auc"] > 0.7
     assert run.data.params["model.init_args.sparse_optimizer.name"] == "adagrad"
+
+
+def test_resumed_fit_continues_exactly(tmp_path, synth_dir):
+    """2 epochs, then resume from last.ckpt to 3: epoch 3 equals that of an uninterrupted 3-epoch run
+    (same shuffle, dense Adam state and the fused Adagrad sums restored)."""
+    config = str(_config(tmp_path, synth_dir, epochs=3, sparse_optimizer={"name": "adagrad", "lr": 0.05}))
+    fit = ["fit", "--config", config, "--trainer.log_every_n_steps", "1", "--test_after_fit", "false",
+           "--trainer.logger.init_args.run_name"]
+    main([*fit, "full"])
+    main([*fit, "part", "--trainer.max_epochs", "2"])
+    runs = {r.info.run_name: r for r in _runs(tmp_path)}
+    (last,) = (tmp_path / "ckpt").rglob(f"{runs['part'].info.run_id}/checkpoints/last.ckpt")
+    main([*fit, "resumed", "--ckpt_path", str(last)])
+    runs = {r.info.run_name: r for r in _runs(tmp_path)}
+    client = mlflow.MlflowClient()
+    losses = {name: {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss_step")}
+              for name, run in runs.items()}
+    resumed_steps = sorted(losses["resumed"])
+    assert resumed_steps and min(resumed_steps) > max(losses["part"])
+    assert [losses["resumed"][s] for s in resumed_steps] == pytest.approx(
+        [losses["full"][s] for s in resumed_steps], rel=1e-5
+    )
 
 
 def test_run_is_marked_failed_when_training_raises(tmp_path, synth_dir):

@@ -108,3 +108,18 @@ def test_loader_workers_yield_all_rows(small_parquet, schema):
     loader = DataLoader(ParquetBatches(paths, schema, batch_size=16, num_workers=2), **loader_kwargs(2))
     rows = _rows(list(loader))
     np.testing.assert_array_equal(np.sort(rows), np.sort(table.column("price").to_numpy()))
+
+
+def test_epoch_loader_reshuffles_each_epoch_and_resumes(small_parquet, schema):
+    from rec_dist.data.datamodule import EpochLoader
+    from rec_dist.data.parquet import loader_kwargs
+
+    paths, _ = small_parquet
+    make = lambda epoch_of: EpochLoader(  # noqa: E731
+        ParquetBatches(paths, schema, batch_size=16, shuffle=True, shuffle_buffer_rows=64), epoch_of,
+        **loader_kwargs(0),
+    )
+    loader = make(None)  # counts passes
+    epoch0, epoch1, epoch2 = (_rows(list(loader)) for _ in range(3))
+    assert not np.array_equal(epoch0, epoch1) and not np.array_equal(epoch1, epoch2)
+    np.testing.assert_array_equal(_rows(list(make(lambda: 2))), epoch2)  # a run resumed at epoch 2 replays it

@@ -14,13 +14,20 @@ def prepare(dataset: str, data_dir: str = "data", source_dir: str | None = None,
     """Prepare a dataset into ``data_dir/<dataset>/`` (canonical parquet + schema.yaml).
 
     Args:
-        dataset: name of the dataset; one of: movielens-100k.
+        dataset: name of the dataset; one of: movielens-100k, movielens-100k-mt (multi-task click / like
+            exposures built from movielens-100k; see rec_dist.data.movielens_multitask).
         data_dir: cache directory the prepared dataset is written to.
         source_dir: a local directory holding the raw files (tried first).
         force: prepare again even if the output exists.
     """
+    if dataset == "movielens-100k-mt":
+        from rec_dist.data.movielens_multitask import prepare_movielens_100k_multitask
+
+        out = prepare_movielens_100k_multitask(data_dir, source_dir=source_dir, force=force)
+        print(f"prepared {dataset} in {out}")
+        return
     if dataset != "movielens-100k":
-        raise RecDistError(f"unknown dataset {dataset!r}; known: movielens-100k")
+        raise RecDistError(f"unknown dataset {dataset!r}; known: movielens-100k, movielens-100k-mt")
     from rec_dist.data.movielens import prepare_movielens_100k
 
     out = prepare_movielens_100k(data_dir, source_dir=source_dir, force=force)

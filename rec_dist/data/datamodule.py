@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -11,13 +12,47 @@ from rec_dist.data.parquet import ParquetBatches, list_parquet, loader_kwargs
 from rec_dist.data.schema import Schema
 
 
+def training_epoch(trainer: pl.Trainer, batches_per_epoch: int) -> int:
+    """The epoch a training pass starting now belongs to, from the batches already trained.
+
+    ``trainer.current_epoch`` lags by one when a run resumes from a checkpoint
+    written at validation end (Lightning counts that epoch as unfinished); the
+    restored batch counter does not.
+    """
+    per_epoch = trainer.num_training_batches  # not yet known when the first pass starts
+    per_epoch = batches_per_epoch if per_epoch in (0, float("inf")) else per_epoch
+    if not per_epoch:
+        return trainer.current_epoch
+    return int(trainer.fit_loop.epoch_loop.batch_progress.total.ready // per_epoch)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that tells its dataset which epoch each new pass is.
+
+    Lightning calls ``set_epoch`` only on samplers, and an IterableDataset has
+    none. ``epoch_of`` (``training_epoch`` of the trainer, read when a pass
+    starts, so a resumed run replays the right shuffle) gives the epoch;
+    without it passes are counted from 0.
+    """
+
+    def __init__(self, dataset: ParquetBatches, epoch_of: Callable[[], int] | None = None, **kwargs) -> None:
+        super().__init__(dataset, **kwargs)
+        self.epoch_of = epoch_of
+        self.passes = 0
+
+    def __iter__(self):
+        self.dataset.set_epoch(self.epoch_of() if self.epoch_of is not None else self.passes)
+        self.passes += 1
+        return super().__iter__()
+
+
 class ParquetDataModule(pl.LightningDataModule):
     """Train/val/test/predict splits as parquet, one schema.
 
     Paths are files, directories of ``*.parquet`` or globs, relative to the
     schema file's directory. ``features`` restricts the schema (and what is
-    read from disk) to those columns. ``predict`` defaults to the test split. Row groups are sharded over ranks (equal batch
-    counts per rank when training) and over ``num_workers`` loader processes.
+    read from disk) to those columns. ``predict`` defaults to the test split.
+    Rows are split evenly over ranks and ``num_workers`` loader processes.
     """
 
     def __init__(
@@ -73,17 +108,17 @@ class ParquetDataModule(pl.LightningDataModule):
                 equal_batches="min" if training else "max",
                 labels=split != "predict",
             )
-        dataset = self._datasets[split]
-        if split == "train" and self.trainer is not None:
-            dataset.set_epoch(self.trainer.current_epoch)
-        return dataset
+        return self._datasets[split]
 
     def _loader(self, split: str) -> DataLoader:
-        # Workers are re-created per epoch so that set_epoch reaches them.
         kwargs = loader_kwargs(self.num_workers)
-        if split == "train":
-            kwargs["persistent_workers"] = False
-        return DataLoader(self.dataset(split), **kwargs)
+        if split != "train":
+            return DataLoader(self.dataset(split), **kwargs)
+        kwargs["persistent_workers"] = False  # workers re-created per epoch so the epoch reaches them
+        trainer = self.trainer
+        dataset = self.dataset(split)
+        epoch_of = (lambda: training_epoch(trainer, len(dataset))) if trainer is not None else None
+        return EpochLoader(dataset, epoch_of, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

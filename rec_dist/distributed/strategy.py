@@ -26,6 +26,8 @@ world size to match a single-process run.
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
@@ -41,6 +43,7 @@ from rec_dist.distributed.planner import (
 )
 
 log = logging.getLogger(__name__)
+LIGHTNING_STATE = "lightning.pt"
 
 
 class TorchRecStrategy(DDPStrategy):
@@ -87,13 +90,64 @@ class TorchRecStrategy(DDPStrategy):
             module.model = self._wrap(model, getattr(module, "sparse_optimizer", None))
         self.model_to_device()
 
+    # ---- sharded checkpoints ----------------------------------------------------------------
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # shards exist only once DMP is built in setup
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """A checkpoint is a directory: the sharded model and fused optimizer state through
+        torch.distributed.checkpoint (every rank writes its shards), the rest of Lightning's
+        checkpoint (loops, dense optimizer, callbacks) as ``lightning.pt`` from rank 0."""
+        import torch.distributed.checkpoint as dcp
+
+        path = Path(filepath)
+        rest = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+        dcp.save(self._sharded_state(checkpoint["state_dict"]), checkpoint_id=str(path))
+        if self.is_global_zero:
+            torch.save(rest, path / LIGHTNING_STATE)
+        self.barrier("save_checkpoint")
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        import torch.distributed.checkpoint as dcp
+
+        path = Path(checkpoint_path)
+        if not (path / LIGHTNING_STATE).is_file():
+            raise ValueError(f"{path} is not a torchrec-strategy checkpoint directory (no {LIGHTNING_STATE})")
+        state = self._sharded_state(self.lightning_module.state_dict())
+        dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's shards
+        self.lightning_module.model.fused_optimizer.load_state_dict(state["fused_optimizer"])
+        checkpoint = torch.load(path / LIGHTNING_STATE, map_location="cpu", weights_only=False)
+        checkpoint["state_dict"] = state["state_dict"]
+        return checkpoint
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        pass  # load_checkpoint already wrote the tensors in place
+
+    def remove_checkpoint(self, filepath) -> None:
+        if self.is_global_zero:
+            shutil.rmtree(filepath, ignore_errors=True)
+
+    def _sharded_state(self, state_dict: dict) -> dict:
+        return {"state_dict": state_dict, "fused_optimizer": self.lightning_module.model.fused_optimizer.state_dict()}
+
     def _wrap(self, model: nn.Module, sparse_optimizer) -> nn.Module:
         dmp, self.plan_text = shard_model(
             model, sparse_optimizer, self.sharding, self.root_device, self.world_size, torch.distributed.group.WORLD
         )
         if self.global_rank == 0:
-            log.info("TorchRec sharding plan:\n%s", self.plan_text)
+            print(f"TorchRec sharding plan ({self.world_size} ranks):\n{self.plan_text}")
+            self._log_plan()
         return dmp
+
+    def _log_plan(self) -> None:
+        """The plan as an MLflow artifact ``sharding_plan.txt`` of the run (rank 0)."""
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        trainer = self.lightning_module.trainer
+        for logger in trainer.loggers if trainer is not None else []:
+            if isinstance(logger, MLFlowLogger):
+                logger.experiment.log_text(logger.run_id, self.plan_text, "sharding_plan.txt")
 
 
 def shard_model(model: nn.Module, sparse_optimizer, sharding: ShardingConfig, device: torch.device,
@@ -156,6 +210,8 @@ def copy_full_state(dmp: nn.Module, full_state: dict[str, torch.Tensor]) -> None
             if key not in full_state:
                 continue
             source = full_state[key]
+            if source.device.type == "meta":  # built on meta: DMP initialised the shards itself
+                continue
             if isinstance(tensor, ShardedTensor):
                 for shard in tensor.local_shards():
                     rows, cols = shard.metadata.shard_offsets

@@ -7,6 +7,9 @@ sharded by DistributedModelParallel is the strategy's business.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,6 +24,18 @@ from rec_dist.data.errors import SchemaError
 from rec_dist.data.schema import Feature, Schema, lookup_groups
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+_DEFAULT_DEVICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("embedding_device", default=None)
+
+
+@contextlib.contextmanager
+def embedding_device(device: str | torch.device | None) -> Iterator[None]:
+    """Build every FeatureEmbeddings inside on ``device`` (``"meta"``: allocate nothing;
+    the TorchRec strategy then materialises only each rank's shards)."""
+    token = _DEFAULT_DEVICE.set(None if device is None else str(device))
+    try:
+        yield
+    finally:
+        _DEFAULT_DEVICE.reset(token)
 # An id's first-order weight is the sum of a FIRST_ORDER_DIM-wide row: the same function
 # class as one scalar, but a width FBGEMM's fused and sharded kernels accept (multiples
 # of 4), so these tables shard and train like every other table.
@@ -76,6 +91,8 @@ class FeatureEmbeddings(nn.Module):
     ) -> None:
         super().__init__()
         self.schema = schema
+        device = device if device is not None else _DEFAULT_DEVICE.get()
+        device = torch.device(device) if device is not None else None  # TorchRec compares with torch.device
         pooled, unpooled = lookup_groups(schema)
         self._pooled_names = [f.name for f in pooled]
         self._unpooled = [(f.name, f.kind, f.pooling, f.max_len) for f in unpooled]

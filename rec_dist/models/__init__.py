@@ -4,5 +4,20 @@ from rec_dist.models.base import FeatureSelection, RankingModel, TaskHead, check
 from rec_dist.models.dcnv2 import DCNv2
 from rec_dist.models.deepfm import DeepFM
 from rec_dist.models.din import DIN
+from rec_dist.models.multitask import ESMM, PLE, MMoE, MultiTaskMixin, SharedBottom, ctcvr_logit
 
-__all__ = ["DCNv2", "DIN", "DeepFM", "FeatureSelection", "RankingModel", "TaskHead", "check_tasks"]
+__all__ = [
+    "DCNv2",
+    "DIN",
+    "DeepFM",
+    "FeatureSelection",
+    "RankingModel",
+    "TaskHead",
+    "check_tasks",
+    "ESMM",
+    "MMoE",
+    "PLE",
+    "MultiTaskMixin",
+    "SharedBottom",
+    "ctcvr_logit",
+]

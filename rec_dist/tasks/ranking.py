@@ -13,6 +13,7 @@ from torchmetrics.classification import BinaryAUROC
 
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
+from rec_dist.embedding.collection import embedding_device
 from rec_dist.embedding.fused import SparseOptimizer, fuse_pooled_tables, fused_parameter_ids
 from rec_dist.metrics.gauc import GroupAUC
 
@@ -57,9 +58,11 @@ class EvalMetrics(nn.Module):
 class RankingTask(pl.LightningModule):
     """Trains any ranking model (``forward(batch) -> {task: logits}``) on one binary label.
 
-    ``sparse_optimizer`` fuses a row-wise Adagrad / Adagrad / SGD update
-    into the backward of the pooled embedding tables (``rec_dist.embedding.fused``);
-    ``optimizer`` then trains everything else.
+    ``sparse_optimizer`` fuses an Adagrad / SGD update into the backward of
+    the pooled embedding tables (``rec_dist.embedding.fused``; under the
+    torchrec strategy, of every sharded table); ``optimizer`` trains the rest.
+    ``meta_embeddings`` allocates no table memory at construction (large
+    tables; the torchrec strategy materialises each rank's shards).
 
     The model is given as a factory (``class_path`` + ``init_args`` in YAML)
     and built here from the data's schema, which the CLI links in from the
@@ -76,6 +79,7 @@ class RankingTask(pl.LightningModule):
         optimizer: OptimizerFactory = torch.optim.Adam,
         lr_scheduler: SchedulerFactory | None = None,
         sparse_optimizer: SparseOptimizer | None = None,
+        meta_embeddings: bool = False,
     ) -> None:
         super().__init__()
         if schema is None:
@@ -90,7 +94,9 @@ class RankingTask(pl.LightningModule):
         self.schema = schema
         self.label = label
         self.group_feature = group_feature
-        self.model = model(schema, (label,))
+        with embedding_device("meta" if meta_embeddings else None):
+            self.model = model(schema, (label,))
+        self.meta_embeddings = meta_embeddings
         self.sparse_optimizer = sparse_optimizer
         self.fused_on_cpu = False
         self.optimizer_factory = optimizer
@@ -104,10 +110,33 @@ class RankingTask(pl.LightningModule):
         """
         from rec_dist.distributed.strategy import TorchRecStrategy
 
-        if self.sparse_optimizer is None or isinstance(self.trainer.strategy, TorchRecStrategy):
+        if isinstance(self.trainer.strategy, TorchRecStrategy):
+            return
+        if self.meta_embeddings:
+            raise ValueError(
+                "model.init_args.meta_embeddings builds tables on the meta device; only "
+                "--trainer.strategy torchrec materialises them (each rank its own shards)"
+            )
+        if self.sparse_optimizer is None:
             return
         fuse_pooled_tables(self.model, self.sparse_optimizer)
         self.fused_on_cpu = self.device.type == "cpu" and bool(fused_parameter_ids(self))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Single-process fused tables keep their optimizer state (Adagrad sums) outside
+        Lightning's optimizers: save it too, so a resumed run continues exactly."""
+        states = {name: module.fused_optimizer().state_dict() for name, module in self._fused_modules()}
+        if states:
+            checkpoint["fused_optimizers"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for name, state in checkpoint.get("fused_optimizers", {}).items():
+            self.get_submodule(name).fused_optimizer().load_state_dict(state)
+
+    def _fused_modules(self):
+        from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, FusedEmbeddingBagCollection)]
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.model(batch)[self.label]
@@ -149,7 +178,9 @@ class RankingTask(pl.LightningModule):
 
     def _eval_epoch_end(self, stage: str) -> None:
         values = self.metrics[stage].compute()
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val", sync_dist=False)
+        # torchmetrics already synced these across ranks; sync_dist only averages equal values.
+        synced = self.trainer.world_size > 1
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val", sync_dist=synced)
         self.last_eval = {"stage": stage, "arrays": self.metrics[stage].gauc.arrays(), "metrics": values}
         self.metrics[stage].reset()
 

@@ -1,0 +1,473 @@
+"""Multi-task ranking: one loss per task, a loss balancer, metrics per task and per user group.
+
+Config (``model:`` section of a ``rec-dist fit`` YAML)::
+
+    model:
+      class_path: rec_dist.tasks.multitask.MultiTaskTask
+      init_args:
+        model: {class_path: rec_dist.models.MMoE, init_args: {...}}
+        tasks:                        # task name -> spec; the model gets the names, in this order
+          click: {}                   # label: click, loss: bce (binary label), weight: 1
+          like: {loss: bce, weight: 2.0}
+          watch_time: {label: watch_time, loss: mse}
+        balancer: {class_path: rec_dist.losses.PCGrad}   # default: StaticWeights
+        group_metrics:                # optional: AUC / logloss per task per user group
+          feature: user_group
+          groups: {new: [2], regular: [1]}
+        optimizer: {class_path: torch.optim.Adam, init_args: {lr: 0.001}}
+
+A task spec has ``label`` (the schema label it learns; default the task name;
+models built on ``rec_dist.models.base.check_tasks`` want task names that are
+labels), ``loss`` (``bce`` on logits for a binary label, ``mse`` for any
+label; default ``bce`` for binary labels, ``mse`` for regression ones) and
+``weight`` (>= 0, default 1; how balancers use it: ``rec_dist.losses``).
+
+``group_metrics`` (see ``UserGroups``) names one feature and the groups of
+rows to report separately: ``groups`` maps a group name to the feature values
+in it (a list) or to a half-open range ``{min: a, max: b}`` (either bound may
+be left out); ``new_below: K`` is short for
+``groups: {new: {max: K}, regular: {min: K}}``. The feature's value is the id
+of a sparse feature, the length of a sequence feature (after truncation to
+its ``max_len``) or the value of a one-column dense feature. So "new users"
+may be ``user_group`` in ``[2]``, ``user_activity >= 5`` or "fewer than 3
+events in ``hist_item_id``".
+
+Logged metrics: ``train/loss`` (the balanced total, per step and per epoch),
+``train/loss/<task>`` and ``train/weight/<task>`` (per epoch: the mean task
+loss and the balancer's effective weight); per stage (``val``/``test``) and
+task ``<stage>/<task>/auc``, ``/logloss`` (and ``/gauc`` with
+``gauc_feature``) for bce tasks, ``/mse``, ``/mae`` for mse tasks; per group
+``<stage>/<task>/<group>/auc`` and ``/logloss`` (``/mse``, ``/mae``), logged
+only when the group had rows (AUC: rows of both classes); and
+``<stage>/auc`` / ``<stage>/logloss``, the mean over the bce tasks (what the
+CLI's checkpoint callback monitors).
+
+Balancers that manipulate gradients (PCGrad, GradNorm) run under manual
+optimization: one optimizer step per batch, the learning-rate scheduler
+stepped once per epoch, no ``trainer.gradient_clip_val`` and no
+``accumulate_grad_batches``, and precision without loss scaling (32-bit or
+bf16); the others run under Lightning's automatic optimization.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.classification import BinaryAUROC
+
+from rec_dist.data.batch import Batch
+from rec_dist.data.schema import Schema
+from rec_dist.embedding.collection import embedding_device
+from rec_dist.embedding.fused import SparseOptimizer
+from rec_dist.losses.balancing import Balancer, StaticWeights
+from rec_dist.tasks.ranking import STAGES, EvalMetrics, ModelFactory, OptimizerFactory, RankingTask, SchedulerFactory
+
+LOSSES = ("bce", "mse")
+
+
+# ---- task specs ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: the label it learns, its loss and its config weight."""
+
+    name: str
+    label: str
+    loss: str
+    weight: float
+
+    @property
+    def binary(self) -> bool:
+        return self.loss == "bce"
+
+
+def parse_tasks(tasks: Mapping[str, Any] | None, schema: Schema) -> dict[str, TaskSpec]:
+    """``tasks`` of the config -> ``{name: TaskSpec}``, with errors naming the key at fault."""
+    where = "model.init_args.tasks"
+    labels = sorted(schema.labels)
+    if not isinstance(tasks, Mapping) or not tasks:
+        raise ValueError(f"{where}: give a mapping task name -> {{label, loss, weight}}; schema labels: {labels}")
+    specs = {}
+    for name, raw in tasks.items():
+        raw = {} if raw is None else raw
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{where}.{name}: expected a mapping with keys label / loss / weight, got {raw!r}")
+        unknown = sorted(set(raw) - {"label", "loss", "weight"})
+        if unknown:
+            raise ValueError(f"{where}.{name}: unknown keys {unknown}; allowed: label, loss, weight")
+        label = raw.get("label", name)
+        if label not in schema.labels:
+            raise ValueError(f"{where}.{name}.label: {label!r} is not a label of the schema; choose one of {labels}")
+        kind = schema.labels[label].kind
+        loss = raw.get("loss", "bce" if kind == "binary" else "mse")
+        if loss not in LOSSES:
+            raise ValueError(f"{where}.{name}.loss must be one of {LOSSES}, got {loss!r}")
+        if loss == "bce" and kind != "binary":
+            raise ValueError(f"{where}.{name}: loss bce needs a binary label; {label!r} is {kind}")
+        weight = raw.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"{where}.{name}.weight must be a finite number >= 0, got {weight!r}")
+        specs[str(name)] = TaskSpec(str(name), label, loss, float(weight))
+    return specs
+
+
+# ---- user groups ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GroupRule:
+    """Rows whose value is in ``values``, or lies in ``[min, max)`` (a missing bound is open)."""
+
+    values: tuple[float, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+
+    def mask(self, value: torch.Tensor) -> torch.Tensor:
+        if self.values is not None:
+            return torch.isin(value, torch.tensor(self.values, dtype=value.dtype, device=value.device))
+        keep = torch.ones_like(value, dtype=torch.bool)
+        if self.min is not None:
+            keep &= value >= self.min
+        if self.max is not None:
+            keep &= value < self.max
+        return keep
+
+
+@dataclass(frozen=True)
+class UserGroups:
+    """Named groups of rows by one feature (see the module docstring for the config)."""
+
+    feature: str
+    kind: str  # sparse | sequence | dense
+    rules: dict[str, GroupRule]
+    dense_column: int = 0
+
+    @classmethod
+    def from_config(cls, spec: Mapping[str, Any], schema: Schema) -> UserGroups:
+        where = "model.init_args.group_metrics"
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{where}: expected a mapping {{feature, groups | new_below}}, got {spec!r}")
+        unknown = sorted(set(spec) - {"feature", "groups", "new_below"})
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; allowed: feature, groups, new_below")
+        if "feature" not in spec:
+            raise ValueError(f"{where}.feature: name the feature that defines the groups, e.g. user_group")
+        feature = schema.feature(spec["feature"])
+        if feature.kind == "multi_hot" or (feature.kind == "dense" and feature.dim != 1):
+            raise ValueError(f"{where}.feature: {feature.name!r} must be a sparse, sequence or one-column dense "
+                             f"feature, not {feature.kind} (dim {feature.dim})")
+        if ("groups" in spec) == ("new_below" in spec):
+            raise ValueError(f"{where}: give exactly one of `groups` and `new_below`")
+        if "new_below" in spec:
+            k = spec["new_below"]
+            if isinstance(k, bool) or not isinstance(k, int | float):
+                raise ValueError(f"{where}.new_below must be a number, got {k!r}")
+            rules = {"new": GroupRule(max=float(k)), "regular": GroupRule(min=float(k))}
+        else:
+            groups = spec["groups"]
+            if not isinstance(groups, Mapping) or not groups:
+                raise ValueError(f"{where}.groups: expected a non-empty mapping group name -> values or {{min, max}}")
+            rules = {str(name): _rule(rule, f"{where}.groups.{name}") for name, rule in groups.items()}
+        if feature.kind == "sequence":
+            bounds = [b for r in rules.values() for b in (r.min, r.max) if b is not None]
+            if any(b > feature.max_len for b in bounds):
+                raise ValueError(f"{where}: {feature.name!r} is truncated to max_len {feature.max_len}, so a "
+                                 f"length bound above it cannot be told apart; got bounds {bounds}")
+        column = 0
+        for f in schema.dense_features:
+            if f.name == feature.name:
+                break
+            column += f.dim
+        return cls(feature.name, feature.kind, rules, column)
+
+    def value(self, batch: Batch) -> torch.Tensor:
+        """The grouping value of each row, ``(B,)``."""
+        if self.kind == "sparse":
+            return batch.ids(self.feature)
+        if self.kind == "sequence":
+            kjt = batch.sequence if self.feature in batch.sequence.keys() else batch.sparse
+            return kjt[self.feature].lengths()
+        return batch.dense[:, self.dense_column]
+
+    def masks(self, batch: Batch) -> dict[str, torch.Tensor]:
+        value = self.value(batch)
+        return {name: rule.mask(value) for name, rule in self.rules.items()}
+
+
+def _rule(raw: Any, where: str) -> GroupRule:
+    if isinstance(raw, list | tuple) and raw and all(isinstance(v, int | float) for v in raw):
+        return GroupRule(values=tuple(raw))
+    if isinstance(raw, Mapping) and raw and set(raw) <= {"min", "max"}:
+        lo, hi = raw.get("min"), raw.get("max")
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"{where}: min {lo} must be below max {hi}")
+        return GroupRule(min=lo, max=hi)
+    raise ValueError(f"{where}: expected a list of values or a range {{min: a, max: b}}, got {raw!r}")
+
+
+# ---- metrics --------------------------------------------------------------------------------------------
+class RegressionMetrics(nn.Module):
+    """MSE and MAE of one regression task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mse = MeanMetric()
+        self.mae = MeanMetric()
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None) -> None:
+        self.mse.update((pred - target) ** 2)
+        self.mae.update((pred - target).abs())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {"mse": self.mse.compute(), "mae": self.mae.compute()}
+
+    def reset(self) -> None:
+        self.mse.reset()
+        self.mae.reset()
+
+
+class SubsetMetrics(nn.Module):
+    """Metrics of one task on the rows of one group: AUC + logloss (binary) or MSE + MAE.
+
+    ``compute`` leaves out what the rows cannot define (no rows; AUC without both classes).
+    """
+
+    def __init__(self, binary: bool) -> None:
+        super().__init__()
+        self.binary = binary
+        self.rows = SumMetric()
+        self.positives = SumMetric()
+        if binary:
+            self.auc = BinaryAUROC()
+            self.logloss = MeanMetric()
+        else:
+            self.errors = RegressionMetrics()
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
+        self.rows.update(mask.sum().float())
+        self.positives.update((labels[mask] > 0.5).sum().float())
+        if not bool(mask.any()):
+            return
+        logits, labels = logits[mask], labels[mask]
+        if self.binary:
+            self.auc.update(torch.sigmoid(logits), labels.long())
+            self.logloss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+        else:
+            self.errors.update(logits, labels)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        rows, positives = float(self.rows.compute()), float(self.positives.compute())
+        if rows == 0:
+            return {}
+        if not self.binary:
+            return self.errors.compute()
+        out = {"logloss": self.logloss.compute()}
+        if 0 < positives < rows:
+            out["auc"] = self.auc.compute()
+        return out
+
+    def reset(self) -> None:
+        for metric in (self.rows, self.positives):
+            metric.reset()
+        if self.binary:
+            self.auc.reset()
+            self.logloss.reset()
+        else:
+            self.errors.reset()
+
+
+# ---- the task -------------------------------------------------------------------------------------------
+class MultiTaskTask(pl.LightningModule):
+    """Trains a multi-task ranking model (``forward(batch) -> {task: logits (B,)}``); see the module docstring.
+
+    Args:
+        model: the model class (``class_path`` + ``init_args``); built here as ``model(schema, task names)``.
+        schema: the data schema (the CLI links it from ``data.schema``).
+        tasks: task name -> ``{label, loss, weight}``.
+        balancer: how the task losses are combined (``rec_dist.losses``); default ``StaticWeights``.
+        group_metrics: per-user-group metrics: ``{feature, groups}`` or ``{feature, new_below}``.
+        gauc_feature: a sparse feature (e.g. ``user_id``) to compute GAUC by, for bce tasks; None: no GAUC.
+        optimizer: dense optimizer factory.
+        lr_scheduler: learning-rate scheduler factory.
+        sparse_optimizer: optimizer fused into the embedding tables' backward (as ``RankingTask``: the pooled
+            tables in one process, every sharded table under the torchrec strategy).
+        meta_embeddings: build the tables on the meta device (as ``RankingTask``; torchrec strategy only).
+    """
+
+    def __init__(
+        self,
+        model: ModelFactory,
+        schema: Schema | None = None,
+        tasks: dict[str, dict[str, Any]] | None = None,
+        balancer: Balancer | None = None,
+        group_metrics: dict[str, Any] | None = None,
+        gauc_feature: str | None = None,
+        optimizer: OptimizerFactory = torch.optim.Adam,
+        lr_scheduler: SchedulerFactory | None = None,
+        sparse_optimizer: SparseOptimizer | None = None,
+        meta_embeddings: bool = False,
+    ) -> None:
+        super().__init__()
+        if schema is None:
+            raise ValueError("MultiTaskTask needs the data schema (the CLI links it from data.schema)")
+        self.schema = schema
+        self.specs = parse_tasks(tasks, schema)
+        names = tuple(self.specs)
+        if gauc_feature is not None and schema.feature(gauc_feature).kind != "sparse":
+            raise ValueError(f"model.init_args.gauc_feature: {gauc_feature!r} must be a sparse (single id) feature")
+        self.gauc_feature = gauc_feature
+        self.user_groups = UserGroups.from_config(group_metrics, schema) if group_metrics is not None else None
+        self.balancer = balancer if balancer is not None else StaticWeights()
+        self.balancer.setup(
+            names,
+            {n: s.weight for n, s in self.specs.items()},
+            regression=[n for n, s in self.specs.items() if not s.binary],
+        )
+        self.automatic_optimization = not self.balancer.manipulates_gradients
+        with embedding_device("meta" if meta_embeddings else None):
+            self.model = model(schema, names)
+        self.meta_embeddings = meta_embeddings
+        self.sparse_optimizer = sparse_optimizer
+        self.fused_on_cpu = False
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.train_losses = nn.ModuleDict({n: MeanMetric() for n in names})
+        self.metrics = nn.ModuleDict({
+            stage: nn.ModuleDict({n: EvalMetrics() if s.binary else RegressionMetrics() for n, s in self.specs.items()})
+            for stage in STAGES
+        })
+        groups = tuple(self.user_groups.rules) if self.user_groups else ()
+        self.subset_metrics = nn.ModuleDict({
+            stage: nn.ModuleDict({
+                n: nn.ModuleDict({g: SubsetMetrics(s.binary) for g in groups}) for n, s in self.specs.items()
+            })
+            for stage in STAGES
+        })
+
+    def configure_model(self) -> None:
+        """As ``RankingTask``: fuse the sparse optimizer into the pooled tables (one process; idempotent)."""
+        RankingTask.configure_model(self)
+
+    # ---- training ---------------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.model(batch)
+
+    def task_losses(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        """The loss of each task on a batch: BCE on logits or MSE."""
+        losses = {}
+        for name, spec in self.specs.items():
+            out, target = outputs[name], batch.labels[spec.label].to(outputs[name].dtype)
+            if spec.binary:
+                losses[name] = F.binary_cross_entropy_with_logits(out, target)
+            else:
+                losses[name] = F.mse_loss(out, target)
+        return losses
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        losses = self.task_losses(self(batch), batch)
+        if self.automatic_optimization:
+            total = self.balancer.combine(losses)
+        else:
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            total = self.balancer.backward(losses, self.model, self.manual_backward)
+            optimizer.step()
+            self.balancer.after_optimizer_step()
+        size = batch.batch_size
+        for name, loss in losses.items():
+            self.train_losses[name].update(loss.detach(), weight=size)
+        self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=size,
+                 sync_dist=self.trainer.world_size > 1)
+        return total
+
+    def on_train_epoch_end(self) -> None:
+        means = {name: float(metric.compute()) for name, metric in self.train_losses.items()}
+        for metric in self.train_losses.values():
+            metric.reset()
+        weights = self.balancer.weights()  # the weights used during this epoch (DWA moves them below)
+        synced = self.trainer.world_size > 1  # equal on every rank already; sync_dist only averages them
+        for name in self.specs:
+            self.log(f"train/loss/{name}", means[name], sync_dist=synced)
+            self.log(f"train/weight/{name}", weights[name], sync_dist=synced)
+        self.balancer.on_train_epoch_end(means)
+        if not self.automatic_optimization:
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    def _eval_step(self, batch: Batch, stage: str) -> None:
+        if self.fused_on_cpu and torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "sparse_optimizer on CPU: FBGEMM's fused CPU lookup cannot run under torch.inference_mode; "
+                "set trainer.inference_mode: false"
+            )
+        outputs = self(batch)
+        gauc_groups = batch.ids(self.gauc_feature) if self.gauc_feature else None
+        masks = self.user_groups.masks(batch) if self.user_groups else {}
+        for name, spec in self.specs.items():
+            out, target = outputs[name].detach().float(), batch.labels[spec.label].float()
+            self.metrics[stage][name].update(out, target, gauc_groups)
+            for group, mask in masks.items():
+                self.subset_metrics[stage][name][group].update(out, target, mask)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        values: dict[str, torch.Tensor] = {}
+        for name in self.specs:
+            computed = self.metrics[stage][name].compute()
+            values.update({f"{stage}/{name}/{k}": v for k, v in computed.items()})
+            for group, metrics in self.subset_metrics[stage][name].items():
+                values.update({f"{stage}/{name}/{group}/{k}": v for k, v in metrics.compute().items()})
+                metrics.reset()
+        binary = [n for n, s in self.specs.items() if s.binary]
+        for key in ("auc", "logloss"):
+            if binary:
+                values[f"{stage}/{key}"] = torch.stack([values[f"{stage}/{n}/{key}"].float() for n in binary]).mean()
+        # torchmetrics already synced these across ranks; sync_dist only averages equal values.
+        self.log_dict(values, sync_dist=self.trainer.world_size > 1)
+        if binary:  # the first binary task's scores feed the ROC / calibration plots
+            metrics = self.metrics[stage][binary[0]]
+            self.last_eval = {"stage": stage, "task": binary[0], "arrays": metrics.gauc.arrays(), "metrics": values}
+        for metrics in self.metrics[stage].values():
+            metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per task the probability (bce) or the prediction (mse), beside the user / item ids."""
+        out = {}
+        for key in ("user_column", "item_column"):
+            column = self.schema.extra.get(key)
+            if column in self.schema.features and self.schema.features[column].kind == "sparse":
+                out[column] = batch.ids(column)
+        outputs = self(batch)
+        for name, spec in self.specs.items():
+            out[name] = torch.sigmoid(outputs[name]) if spec.binary else outputs[name]
+        return out
+
+    def configure_optimizers(self):
+        """As ``RankingTask``: every parameter not updated by a fused sparse optimizer (balancer's included)."""
+        return RankingTask.configure_optimizers(self)
+
+    def on_fit_start(self) -> None:
+        precision = str(self.trainer.precision)
+        if not self.automatic_optimization and precision.startswith("16"):
+            raise ValueError(
+                f"{type(self.balancer).__name__} writes gradients itself and does not support loss scaling "
+                f"(trainer.precision {precision}); use 32-true or bf16-mixed"
+            )
