@@ -2,7 +2,8 @@
 
     rec-dist fit|validate|test|predict --config CONFIG.yaml   (Lightning CLI)
     rec-dist data prepare movielens-100k [--data_dir D] [--source_dir S]
-    rec-dist data synth --out_dir D [--config.num_rows N ...]
+    rec-dist data synth OUT_DIR [--config.num_rows N ...]
+    rec-dist export --config CONFIG.yaml --ckpt_path CKPT [--output model.pt]
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
-HELP = """usage: rec-dist {fit,validate,test,predict,data} ...
+HELP = """usage: rec-dist {fit,validate,test,predict,data,export} ...
 
 Distributed trainer for recommender models (Lightning + TorchRec + Ray + MLflow).
 
@@ -21,6 +22,7 @@ commands:
   test       evaluate on the test split
   predict    score the predict split
   data       prepare or synthesise data: rec-dist data prepare movielens-100k | rec-dist data synth ...
+  export     one unsharded state dict for inference: rec-dist export --config X --ckpt_path CKPT --output model.pt
 
 `rec-dist <command> --help` shows every option; `rec-dist fit --config X --print_config`
 prints the fully resolved configuration. Runs are tracked in MLflow (default store
@@ -38,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
         from rec_dist.data.cli import main as data_main
 
         data_main(argv[1:])
+    elif command == "export":
+        from rec_dist.export import main as export_main
+
+        export_main(argv[1:])
     elif command in LIGHTNING_COMMANDS:
         from rec_dist.lightning_cli import run
 

@@ -71,7 +71,7 @@ def test_help_is_light():
         "print(sorted({'torch', 'lightning', 'ray'} & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "rec-dist {fit,validate,test,predict,data}" in out
+    assert "rec-dist {fit,validate,test,predict,data,export}" in out
     assert out.strip().endswith("[]")  # no heavy import behind --help
 
 

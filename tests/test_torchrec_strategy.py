@@ -54,6 +54,22 @@ def _run(workdir: Path, name: str):
     return run
 
 
+def _exported_test_auc(workdir: Path) -> float:
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from rec_dist.data.parquet import ParquetBatches
+    from rec_dist.export import load_exported
+
+    model = load_exported(workdir / "model.pt")
+    scores, labels = [], []
+    with torch.no_grad():
+        for batch in ParquetBatches([str(workdir / "data" / "test.parquet")], model.embeddings.schema, 1024):
+            scores.append(model(batch)["click"])
+            labels.append(batch.labels["click"])
+    return roc_auc_score(torch.cat(labels).numpy(), torch.cat(scores).numpy())
+
+
 def _step_losses(run) -> dict[int, float]:
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss_step")
     return {m.step: m.value for m in history}
@@ -69,6 +85,14 @@ def test_sharded_fit_tracks_plan_checkpoints_and_resumes_exactly(workdir):
     last = next((workdir / "ckpt").rglob(f"{full.info.run_id}/checkpoints/last.ckpt"))
     assert sorted(p.name for p in last.iterdir()) == ["__0_0.distcp", "__1_0.distcp", ".metadata", "lightning.pt"] or (
         {"__0_0.distcp", "__1_0.distcp", "lightning.pt"} <= {p.name for p in last.iterdir()})
+
+    # One unsharded state dict from the 2-rank checkpoint scores the test split as the sharded run did.
+    best = next((workdir / "ckpt").rglob(f"{full.info.run_id}/checkpoints/best-*.ckpt"))
+    done = subprocess.run([sys.executable, "-m", "rec_dist.cli", "export", "--config", str(workdir / "config.yaml"),
+                           "--ckpt_path", str(best), "--output", str(workdir / "model.pt")],
+                          cwd=workdir, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _exported_test_auc(workdir) == pytest.approx(full.data.metrics["test/auc"], abs=1e-5)
 
     _fit(workdir, "first-two-epochs", "--trainer.max_epochs", "2", "--test_after_fit", "false")
     part = _run(workdir, "first-two-epochs")

@@ -1,0 +1,499 @@
+"""TorchRec sharding (issue 3): peak memory per rank at world size 1 vs 2, and training throughput
+of the fused sparse path vs plain ``nn.EmbeddingBag`` + dense Adam, printed side by side.
+
+    .venv/bin/python benchmarks/sharding.py                       # both parts, default sizes
+    .venv/bin/python benchmarks/sharding.py --part memory --big-rows 20000000
+    .venv/bin/python benchmarks/sharding.py --part throughput --rows 1000000 5000000 20000000
+
+Model: DCN-V2 (2 cross layers, MLP 256-128) over a hand-built schema: one big id table
+(``--big-rows``, dim 16) or, in the ``2 big`` variant, two tables of half that size, plus three
+small tables (a 10k-row multi-hot, 1000 and 24 rows) and one dense feature. Every id feature
+says ``on_oov: hash``: raw ids are a Zipf(``--zipf``) rank over the big vocabulary scattered
+through [0, 2^48) by an odd multiplier, so nearly all of them are out of range and the data
+path (``ColumnChunk.from_arrow``) hashes them into the table by modulo, as in production.
+
+Memory (part a). Every cell runs in freshly spawned processes (gloo, one process per rank):
+the tables are built on meta (``with embedding_device("meta")``) so no rank ever allocates a
+full table, ``shard_model`` (the function behind ``--trainer.strategy torchrec``) shards them
+with Adagrad fused into the backward, and ``--steps`` training steps run (Adam on the dense
+part) so the optimizer state is allocated. Peak RSS is the process's ``ru_maxrss``. An idle
+process with the same imports and a gloo group gives the baseline that is subtracted
+("net"). The ratio is max over ranks (world 2) / world 1; the issue's target is <= 0.6.
+``table_wise`` places whole tables, so with ONE big table the whole table lands on one rank
+(ratio ~1 by construction); the ``2 big`` rows show table_wise splitting two tables.
+``column_wise`` splits a table by columns in blocks of the constraint's ``min_partition``;
+``shard_model`` sets none, so TorchRec's default block (its ``MIN_CW_DIM`` = 128 columns,
+capped at the dim) keeps a dim-16 table in one piece. The ``column_wise/8`` rows pass
+``min_partition=8`` (patched into the ParameterConstraints that ``shard_model`` builds; only
+this script does that), which is what the issue's column-wise target needs.
+
+Throughput (part b). One process, ``--threads`` threads, same model and data per row:
+``plain`` is the model on ``torch.nn.EmbeddingBag`` tables (written below) with dense Adam
+over everything (what a plain PyTorch trainer does); ``DMP fused`` is ``shard_model`` at world
+size 1 (table_wise, Adagrad fused into the FBGEMM backward, Adam on the dense part);
+``FEBC fused`` is the single-process path (``fuse_pooled_tables``:
+FusedEmbeddingBagCollection). samples/s over ``--timed-steps`` after 2 warm-up steps; each
+cell in its own process, whose peak RSS is shown too.
+
+``--gpu`` (used by benchmarks/gpu_check.sh) trains on one CUDA device through ``shard_model``
+with a 1-process NCCL group: table_wise/row_wise x fused/fused_uvm_caching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import socket
+import sys
+import tempfile
+import time
+
+SMALL_TABLES = {"category": 10_000, "city": 1_000, "hour": 24}
+DIM = 16
+ODD = 0x9E3779B97F4A7C15 & ((1 << 48) - 1) | 1  # odd: a bijection on [0, 2^48)
+
+
+# ---- schema, data, models (imported lazily: the parent process stays small) ----------------------
+def make_schema(big: dict[str, int]):
+    from rec_dist.data.schema import Schema
+
+    tables = {name: {"num_embeddings": rows, "embedding_dim": DIM} for name, rows in {**big, **SMALL_TABLES}.items()}
+    features = {f"{name}_id": {"kind": "sparse", "table": name, "on_oov": "hash"} for name in big}
+    features["category_ids"] = {"kind": "multi_hot", "table": "category", "pooling": "mean", "on_oov": "hash"}
+    features["city_id"] = {"kind": "sparse", "table": "city", "on_oov": "hash"}
+    features["hour"] = {"kind": "sparse", "table": "hour", "on_oov": "hash"}
+    features["price"] = {"kind": "dense"}
+    return Schema.from_dict(
+        {"name": "zipf-bench", "tables": tables, "features": features, "labels": {"click": {"kind": "binary"}}}
+    )
+
+
+def zipf_ranks(rng, n: int, vocab: int, a: float):
+    """n ranks in [0, vocab) with P(k) ~ (k+1)^-a (continuous inverse CDF, rounded)."""
+    import numpy as np
+
+    u = rng.random(n)
+    lo, hi = 0.5, vocab + 0.5
+    e = 1.0 - a
+    x = (lo**e + u * (hi**e - lo**e)) ** (1.0 / e) if abs(e) > 1e-9 else lo * np.exp(u * math.log(hi / lo))
+    return np.clip(np.rint(x).astype(np.int64) - 1, 0, vocab - 1)
+
+
+def make_batches(schema, big: dict[str, int], num: int, batch_size: int, zipf: float, seed: int):
+    """``num`` batches; raw ids scattered over [0, 2^48) so the schema's ``on_oov: hash`` maps them in."""
+    import numpy as np
+    import pyarrow as pa
+
+    from rec_dist.data.columns import ColumnChunk
+
+    rng = np.random.default_rng(seed)
+    n = num * batch_size
+
+    def raw_ids(count: int, size: int):
+        return (zipf_ranks(rng, count, size, zipf).astype(np.uint64) * np.uint64(ODD)) % np.uint64(1 << 48)
+
+    columns = {f"{name}_id": raw_ids(n, rows).astype(np.int64) for name, rows in big.items()}
+    lengths = rng.integers(1, 5, n)
+    flat = raw_ids(int(lengths.sum()), SMALL_TABLES["category"]).astype(np.int64)
+    columns["category_ids"] = pa.ListArray.from_arrays(np.concatenate([[0], np.cumsum(lengths)]), flat)
+    columns["city_id"] = raw_ids(n, SMALL_TABLES["city"]).astype(np.int64)
+    columns["hour"] = rng.integers(0, 24, n)
+    columns["price"] = rng.random(n).astype(np.float32)
+    first = next(iter(big))
+    columns["click"] = ((columns[f"{first}_id"] % 7 < 3) ^ (rng.random(n) < 0.1)).astype(np.float32)
+    chunk = ColumnChunk.from_arrow(pa.table(columns), schema, "zipf")  # checks ids; hashes the OOV ones
+    return [chunk.slice(i * batch_size, (i + 1) * batch_size).to_batch(schema) for i in range(num)]
+
+
+def make_model(schema):
+    from rec_dist.models import DCNv2
+
+    return DCNv2(schema, ("click",), num_cross_layers=2, hidden=(256, 128))
+
+
+def plain_embeddings(schema):
+    """The model's lookups on plain ``torch.nn.EmbeddingBag`` tables (one per feature's table)."""
+    import torch
+    from torch import nn
+
+    from rec_dist.embedding.collection import EmbeddedFeatures
+
+    class PlainEmbeddings(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names = [f.name for f in schema.id_features]
+            self.bags = nn.ModuleDict()
+            for f in schema.id_features:
+                table = schema.tables[f.table]
+                mode = f.pooling if f.kind == "multi_hot" else "sum"
+                bag = nn.EmbeddingBag(table.num_embeddings, table.embedding_dim, mode=mode)
+                nn.init.normal_(bag.weight, std=table.init_std)
+                self.bags[f.name] = bag
+
+        def forward(self, batch) -> EmbeddedFeatures:
+            pooled = {}
+            for name in self.names:
+                jt = batch.sparse[name]
+                pooled[name] = self.bags[name](jt.values(), jt.offsets()[:-1])
+            return EmbeddedFeatures(pooled, {}, {}, batch.dense)
+
+    assert all(f.kind != "sequence" for f in schema.features.values())
+    return PlainEmbeddings()
+
+
+def sharding_config(schema, sharding_type: str):
+    from rec_dist.distributed.planner import ShardingConfig, TableSharding
+
+    return ShardingConfig(tables={name: TableSharding([sharding_type]) for name in schema.tables})
+
+
+class min_partition:
+    """Give every ParameterConstraints that ``shard_model`` builds this ``min_partition``
+    (column-wise block width); ``shard_model`` imports the class at call time."""
+
+    def __init__(self, width: int | None) -> None:
+        self.width = width
+
+    def __enter__(self):
+        import torchrec.distributed.planner as planner
+
+        self.original = original = planner.ParameterConstraints
+        width = self.width
+        if width is not None:
+            def patched(*args, **kwargs):
+                kwargs.setdefault("min_partition", width)
+                return original(*args, **kwargs)
+
+            planner.ParameterConstraints = patched
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torchrec.distributed.planner as planner
+
+        planner.ParameterConstraints = self.original
+
+
+# ---- process helpers -------------------------------------------------------------------------------
+def rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_process(rank: int, world: int, port: int, threads: int, backend: str = "gloo"):
+    import torch
+    import torch.distributed as dist
+
+    from rec_dist.quiet import quiet_startup
+
+    quiet_startup()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    # Touch what the workers use, so the idle baseline carries the same imports.
+    import pyarrow  # noqa: F401
+    import torchrec.distributed.model_parallel  # noqa: F401
+
+    import rec_dist.distributed.strategy  # noqa: F401
+    import rec_dist.models  # noqa: F401
+
+
+def spawn(target, world: int, *args) -> list[dict]:
+    """Run ``target(rank, world, port, out_path, *args)`` in ``world`` fresh processes; their JSON results."""
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [os.path.join(tmp, f"rank{r}.json") for r in range(world)]
+        procs = [ctx.Process(target=target, args=(r, world, port, outs[r], *args)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+        if bad:
+            raise RuntimeError(f"{target.__name__}{args}: ranks exited with {bad}")
+        results = []
+        for path in outs:
+            with open(path) as fh:
+                results.append(json.load(fh))
+        return results
+
+
+def dump(path: str, result: dict) -> None:
+    with open(path, "w") as fh:
+        json.dump(result, fh)
+
+
+# ---- part a: memory ---------------------------------------------------------------------------------
+def idle_worker(rank: int, world: int, port: int, out: str, threads: int) -> None:
+    init_process(rank, world, port, threads)
+    import torch.distributed as dist
+
+    dist.barrier()
+    dump(out, {"peak": peak_rss_mib()})
+    dist.destroy_process_group()
+
+
+def memory_worker(rank: int, world: int, port: int, out: str, big: dict, sharding_type: str, width,
+                  steps: int, batch_size: int, zipf: float, threads: int) -> None:
+    init_process(rank, world, port, threads)
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from rec_dist.distributed.strategy import shard_model
+    from rec_dist.embedding.collection import embedding_device
+    from rec_dist.embedding.fused import SparseOptimizer, fused_parameter_ids
+
+    schema = make_schema(big)
+    start = rss_mib()
+    torch.manual_seed(0)
+    with embedding_device("meta"):
+        model = make_model(schema)
+    with min_partition(width):
+        dmp, plan = shard_model(model, SparseOptimizer("adagrad", lr=0.05), sharding_config(schema, sharding_type),
+                                torch.device("cpu"), world, dist.group.WORLD)
+    sharded = rss_mib()
+    fused = fused_parameter_ids(dmp)
+    dense = torch.optim.Adam([p for p in dmp.parameters() if id(p) not in fused], lr=1e-3)
+    batches = make_batches(schema, big, steps, batch_size // world, zipf, seed=rank)
+    losses = []
+    for batch in batches:
+        loss = F.binary_cross_entropy_with_logits(dmp(batch)["click"], batch.labels["click"])
+        dense.zero_grad()
+        loss.backward()
+        dense.step()
+        losses.append(loss.item())
+    local = sum(
+        t.numel() * t.element_size()
+        for t in (s.tensor for v in dmp.state_dict().values() if hasattr(v, "local_shards") for s in v.local_shards())
+    )
+    dist.barrier()
+    dump(out, {"start": start, "sharded": sharded, "peak": peak_rss_mib(), "plan": plan, "losses": losses,
+               "local_table_mib": local / 2**20})
+    dist.destroy_process_group()
+
+
+def run_memory(args) -> dict:
+    half = args.big_rows // 2
+    variants = [("1 big", {"item": args.big_rows}), ("2 big", {"user": half, "item": args.big_rows - half})]
+    shardings = [("table_wise", "table_wise", None), ("column_wise", "column_wise", None),
+                 ("column_wise/8", "column_wise", 8)]
+    idle = {w: spawn(idle_worker, w, args.memory_threads) for w in (1, 2)}
+    idle_peak = max(r["peak"] for w in idle for r in idle[w])
+    rows = []
+    for variant, big in variants:
+        for label, sharding_type, width in shardings:
+            if variant == "2 big" and label == "column_wise":
+                continue  # same as for one big table: nothing split
+            cells = {}
+            for world in (1, 2):
+                cells[world] = spawn(memory_worker, world, big, sharding_type, width, args.memory_steps,
+                                     args.batch_size, args.zipf, args.memory_threads)
+            rows.append({"variant": variant, "big": big, "sharding": label, "world1": cells[1], "world2": cells[2]})
+            print_memory_row(rows[-1], idle_peak)
+            sys.stdout.flush()
+    return {"idle": idle, "idle_peak_mib": idle_peak, "rows": rows}
+
+
+MEMORY_HEADER = (
+    f"{'tables':<22} {'sharding':<14} {'w1 peak':>8} {'w2 r0':>8} {'w2 r1':>8} {'ratio':>6} "
+    f"{'net w1':>7} {'net r0':>7} {'net r1':>7} {'ratio':>6}  w2 table MiB/rank  plan (world 2)"
+)
+
+
+def print_memory_row(row: dict, idle: float) -> None:
+    w1 = row["world1"][0]["peak"]
+    w2 = [r["peak"] for r in row["world2"]]
+    net1, net2 = w1 - idle, [p - idle for p in w2]
+    tables = " + ".join(f"{k} {v / 1e6:g}M" for k, v in row["big"].items())
+    local = "/".join(f"{r['local_table_mib']:.0f}" for r in row["world2"])
+    plan = "; ".join(line.split(": ", 1)[1].replace(" on ranks ", "@") for line in row["world2"][0]["plan"].splitlines()
+                     if any(line.split(": ")[0].endswith("." + k) for k in row["big"]))
+    print(f"{tables:<22} {row['sharding']:<14} {w1:8.0f} {w2[0]:8.0f} {w2[1]:8.0f} {max(w2) / w1:6.2f} "
+          f"{net1:7.0f} {net2[0]:7.0f} {net2[1]:7.0f} {max(net2) / net1:6.2f}  {local:<17}  {plan}")
+
+
+# ---- part b: throughput -----------------------------------------------------------------------------
+def throughput_worker(rank: int, world: int, port: int, out: str, impl: str, rows: int, steps: int,
+                      batch_size: int, zipf: float, threads: int) -> None:
+    init_process(rank, world, port, threads)
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from rec_dist.distributed.strategy import shard_model
+    from rec_dist.embedding.collection import embedding_device
+    from rec_dist.embedding.fused import SparseOptimizer, fuse_pooled_tables, fused_parameter_ids
+
+    big = {"item": rows}
+    schema = make_schema(big)
+    batches = make_batches(schema, big, steps + 2, batch_size, zipf, seed=0)
+    torch.manual_seed(0)
+    sparse = SparseOptimizer("adagrad", lr=0.05)
+    if impl == "plain":
+        with embedding_device("meta"):
+            model = make_model(schema)
+        model.embeddings = plain_embeddings(schema)
+    elif impl == "dmp":
+        with embedding_device("meta"):
+            model = make_model(schema)
+        model, _ = shard_model(model, sparse, sharding_config(schema, "table_wise"), torch.device("cpu"), 1,
+                               dist.group.WORLD)
+    else:  # febc
+        model = make_model(schema)
+        fuse_pooled_tables(model, sparse)
+    fused = fused_parameter_ids(model)
+    dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in fused], lr=1e-3)
+    losses = []
+    for i, batch in enumerate(batches):
+        if i == 2:
+            start = time.perf_counter()
+        loss = F.binary_cross_entropy_with_logits(model(batch)["click"], batch.labels["click"])
+        dense.zero_grad()
+        loss.backward()
+        dense.step()
+        losses.append(loss.item())
+    seconds = time.perf_counter() - start
+    dump(out, {"samples_per_s": steps * batch_size / seconds, "ms_per_step": seconds / steps * 1000,
+               "peak": peak_rss_mib(), "losses": losses})
+    dist.destroy_process_group()
+
+
+IMPLS = {"plain": "plain EmbeddingBag + dense Adam", "dmp": "DMP world 1, fused Adagrad",
+         "febc": "FEBC, fused Adagrad"}
+
+
+def run_throughput(args) -> dict:
+    rows = []
+    print(f"{'rows':>10} " + " ".join(f"{IMPLS[i]:>31}" for i in args.impls)
+          + "  " + " ".join(f"{i + '/plain':>11}" for i in args.impls if i != "plain") + "   peak RSS MiB ("
+          + "/".join(args.impls) + ")")
+    for n in args.rows:
+        cells = {impl: spawn(throughput_worker, 1, impl, n, args.timed_steps, args.batch_size, args.zipf,
+                             args.threads)[0] for impl in args.impls}
+        rows.append({"rows": n, **cells})
+        base = cells.get("plain")
+        ratios = [f"{cells[i]['samples_per_s'] / base['samples_per_s']:10.2f}x" if base else "          -"
+                  for i in args.impls if i != "plain"]
+        print(f"{n:>10,} " + " ".join(f"{cells[i]['samples_per_s']:>20,.0f} samples/s" for i in args.impls)
+              + "  " + " ".join(ratios) + "   " + "/".join(f"{cells[i]['peak']:.0f}" for i in args.impls))
+        sys.stdout.flush()
+    return {"rows": rows}
+
+
+# ---- GPU (benchmarks/gpu_check.sh) ------------------------------------------------------------------
+def gpu_worker(rank: int, world: int, port: int, out: str, rows: int, steps: int, batch_size: int,
+               zipf: float, cells: list) -> None:
+    init_process(rank, world, port, 4, backend="nccl")
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from rec_dist.distributed.planner import ShardingConfig, TableSharding
+    from rec_dist.distributed.strategy import shard_model
+    from rec_dist.embedding.collection import embedding_device
+    from rec_dist.embedding.fused import SparseOptimizer, fused_parameter_ids
+
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    big = {"item": rows}
+    schema = make_schema(big)
+    batches = [b.to(device) for b in make_batches(schema, big, steps + 5, batch_size, zipf, seed=0)]
+    results = []
+    for sharding_type, kernel in cells:
+        torch.manual_seed(0)
+        with embedding_device("meta"):
+            model = make_model(schema)
+        config = ShardingConfig(tables={"item": TableSharding([sharding_type], [kernel])})
+        dmp, plan = shard_model(model, SparseOptimizer("adagrad", lr=0.05), config, device, 1, dist.group.WORLD)
+        fused = fused_parameter_ids(dmp)
+        dense = torch.optim.Adam([p for p in dmp.parameters() if id(p) not in fused], lr=1e-3)
+        for i, batch in enumerate(batches):
+            if i == 5:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+            loss = F.binary_cross_entropy_with_logits(dmp(batch)["click"], batch.labels["click"])
+            dense.zero_grad()
+            loss.backward()
+            dense.step()
+        last = loss.item()  # synchronises
+        seconds = time.perf_counter() - start
+        results.append({"sharding": sharding_type, "kernel": kernel, "rows": rows, "batch_size": batch_size,
+                        "samples_per_s": steps * batch_size / seconds, "last_loss": last, "plan": plan,
+                        "max_gpu_mem_mib": torch.cuda.max_memory_allocated() / 2**20})
+        print(f"{sharding_type:>12} / {kernel:<18} {results[-1]['samples_per_s']:>14,.0f} samples/s  "
+              f"(loss {last:.4f})", flush=True)
+        del dmp, dense, model
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    dump(out, {"gpu": torch.cuda.get_device_name(device), "cells": results})
+    dist.destroy_process_group()
+
+
+# ---- main ----------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["memory", "throughput", "all"], default="all")
+    parser.add_argument("--big-rows", type=int, default=20_000_000, help="memory: rows of the big table(s) in all")
+    parser.add_argument("--memory-steps", type=int, default=4)
+    parser.add_argument("--memory-threads", type=int, default=1, help="torch threads per rank (memory part)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 5_000_000, 20_000_000],
+                        help="throughput: rows of the big table")
+    parser.add_argument("--impls", nargs="+", choices=list(IMPLS), default=["plain", "dmp", "febc"])
+    parser.add_argument("--timed-steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=4096, help="global batch size")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (throughput part)")
+    parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the ids")
+    parser.add_argument("--json", help="write every number of the run here")
+    parser.add_argument("--gpu", action="store_true", help="the GPU check (benchmarks/gpu_check.sh) instead")
+    parser.add_argument("--gpu-cells", nargs="+", default=["table_wise:fused", "table_wise:fused_uvm_caching",
+                                                           "row_wise:fused", "row_wise:fused_uvm_caching"])
+    args = parser.parse_args()
+
+    out: dict = {"args": vars(args)}
+    if args.gpu:
+        cells = [c.split(":") for c in args.gpu_cells]
+        rows = args.rows[-1]
+        print(f"GPU: DCN-V2, item table {rows:,} x {DIM} (Zipf {args.zipf}), batch {args.batch_size}, "
+              f"{args.timed_steps} timed steps, 1-process NCCL group")
+        out["gpu"] = spawn(gpu_worker, 1, rows, args.timed_steps, args.batch_size, args.zipf, cells)[0]
+    if not args.gpu and args.part in ("memory", "all"):
+        print(f"(a) peak RSS per rank, MiB (ru_maxrss); {args.memory_steps} training steps, global batch "
+              f"{args.batch_size}, {args.memory_threads} thread(s) per rank; tables built on meta; "
+              f"'net' = peak - idle process (same imports + gloo group)")
+        print(MEMORY_HEADER)
+        out["memory"] = run_memory(args)
+        idle = out["memory"]["idle"]
+        idle2 = "/".join(f"{r['peak']:.0f}" for r in idle[2])
+        print(f"idle process peak RSS: world 1 {idle[1][0]['peak']:.0f}, world 2 {idle2} MiB (the 'net' columns "
+              f"subtract {out['memory']['idle_peak_mib']:.0f})")
+        print("ratio = max rank at world 2 / world 1 (target <= 0.6)\n")
+    if not args.gpu and args.part in ("throughput", "all"):
+        print(f"(b) training samples/s, one process, {args.threads} threads, batch {args.batch_size}, "
+              f"{args.timed_steps} timed steps after 2 warm-up, Zipf {args.zipf} ids")
+        out["throughput"] = run_throughput(args)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
