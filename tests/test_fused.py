@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
@@ -60,3 +62,31 @@ def test_row_wise_adagrad_on_cpu_and_unknown_names_are_clear_errors(schema):
         fuse_pooled_tables(FeatureEmbeddings(schema), SparseOptimizer("row_wise_adagrad"))
     with pytest.raises(ValueError, match="sparse_optimizer.name must be one of"):
         fuse_pooled_tables(FeatureEmbeddings(schema), SparseOptimizer("adam"))
+
+
+def test_ten_million_row_table_trains_on_cpu_touching_only_seen_rows():
+    """A 10M-row table (hashed ids) trains with the fused update; unseen rows keep their initial values."""
+    from rec_dist.data.schema import Schema
+
+    schema = Schema.from_dict({
+        "name": "big",
+        "tables": {"user": {"num_embeddings": 10_000_000, "embedding_dim": 8}},
+        "features": {"user_id": {"kind": "sparse", "table": "user", "on_oov": "hash"}},
+        "labels": {"like": {}},
+    })
+    model = FeatureEmbeddings(schema)
+    fuse_pooled_tables(model, SparseOptimizer("adagrad", lr=0.1))
+    weight = model.pooled.state_dict()["embedding_bags.user.weight"]
+    rng = torch.Generator().manual_seed(0)
+    raw_ids = torch.randint(0, 2**40, (4096,), generator=rng)  # far beyond the table: hashed in
+    table = pa.table({"user_id": raw_ids.numpy(), "like": np.ones(4096, np.float32)})
+    batch = ColumnChunk.from_arrow(table, schema, "mem").to_batch(schema)
+    seen = torch.unique(batch.sparse["user_id"].values())
+    assert int(seen.max()) < 10_000_000
+    probe = torch.tensor([i for i in (0, 1, 5_000_000, 9_999_999) if i not in set(seen.tolist())])
+    before_seen, before_probe = weight[seen].clone(), weight[probe].clone()
+    for _ in range(3):
+        model(batch).pooled["user_id"].pow(2).sum().backward()
+    after = model.pooled.state_dict()["embedding_bags.user.weight"]
+    assert (after[seen] - before_seen).abs().sum(1).min() > 0  # every seen row moved
+    torch.testing.assert_close(after[probe], before_probe)  # the rest did not
