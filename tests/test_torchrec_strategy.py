@@ -105,3 +105,34 @@ def test_sharded_fit_tracks_plan_checkpoints_and_resumes_exactly(workdir):
     third_epoch = sorted(resumed_losses)
     assert third_epoch and min(third_epoch) > max(part_losses)  # the resumed run starts where the other stopped
     assert [resumed_losses[s] for s in third_epoch] == pytest.approx([full_losses[s] for s in third_epoch], rel=1e-4)
+
+
+def test_fit_test_fit_predict_in_one_process(workdir):
+    """One rank (gloo): DMP is built once and reused by every stage, including a second fit after test."""
+    import lightning.pytorch as pl
+    import torch
+
+    from rec_dist.data.datamodule import ParquetDataModule
+    from rec_dist.distributed.strategy import TorchRecStrategy
+    from rec_dist.embedding.fused import SparseOptimizer
+    from rec_dist.models import DeepFM
+    from rec_dist.tasks.ranking import RankingTask
+
+    pl.seed_everything(0)
+    data = ParquetDataModule(str(workdir / "data" / "schema.yaml"), batch_size=512)
+    task = RankingTask(model=lambda schema, tasks: DeepFM(schema, tasks, hidden=(16,)), schema=data.schema,
+                       label="click", sparse_optimizer=SparseOptimizer("adagrad", lr=0.05))
+    trainer = pl.Trainer(strategy=TorchRecStrategy(), accelerator="cpu", devices=1, max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(task, datamodule=data)
+    dmp = task.model
+    (first,) = trainer.test(task, datamodule=data, verbose=False)
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(task, datamodule=data)
+    (second,) = trainer.test(task, datamodule=data, verbose=False)
+    predictions = trainer.predict(task, datamodule=data)
+    assert task.model is dmp  # wrapped once
+    assert second["test/auc"] != first["test/auc"]  # the second fit trained on
+    assert second["test/auc"] > 0.65
+    scores = torch.cat([p["click"] for p in predictions])
+    assert len(scores) == 1200 and bool(((scores > 0) & (scores < 1)).all())
