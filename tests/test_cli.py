@@ -150,6 +150,32 @@ def test_resumed_fit_continues_exactly(tmp_path, synth_dir):
     )
 
 
+def test_one_lr_scheduler_drives_fused_and_dense_optimizers(synth_dir):
+    import lightning.pytorch as pl
+    import torch
+
+    from rec_dist.data.datamodule import ParquetDataModule
+    from rec_dist.embedding.fused import SparseOptimizer
+    from rec_dist.models import DeepFM
+    from rec_dist.tasks.ranking import RankingTask
+
+    data = ParquetDataModule(str(synth_dir / "schema.yaml"), batch_size=1024)
+    task = RankingTask(
+        model=lambda schema, tasks: DeepFM(schema, tasks, hidden=(16,)), schema=data.schema, label="click",
+        optimizer=lambda params: torch.optim.Adam(params, lr=0.01),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+        sparse_optimizer=SparseOptimizer("adagrad", lr=0.2),
+    )
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(task, datamodule=data)
+    (optimizer,) = trainer.optimizers
+    lrs = sorted({group["lr"] for group in optimizer.param_groups})
+    assert lrs == pytest.approx([0.01 / 8, 0.2 / 8])  # dense and fused: both halved after each of 3 epochs
+    kernels = [m.fused_optimizer() for m in task.model.modules() if hasattr(m, "fused_optimizer")]
+    assert kernels and all(g["lr"] == pytest.approx(0.2 / 8) for k in kernels for g in k.param_groups)
+
+
 def test_run_is_marked_failed_when_training_raises(tmp_path, synth_dir):
     broken = tmp_path / "broken"
     broken.mkdir()

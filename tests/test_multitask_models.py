@@ -1,14 +1,12 @@
-"""Shared-Bottom, MMoE, PLE and ESMM against hand-computed references, ESMM's CTCVR logit, the
-parameter groups loss balancing reads, learning a planted two-task signal, errors and configs.
+"""Shared-Bottom, MMoE, PLE and ESMM against hand-computed references (``tests.multitask_refs``),
+the parameter groups loss balancing reads, learning a planted two-task signal, errors and configs.
 
-References read the embedding rows straight from the tables (``ref_fields``) and apply the
-naive per-sample layer references of ``test_personalization``.
+ESMM's own outputs (the CTCVR logit, ``cvr_logits``, its task checks) are in ``test_esmm``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from decimal import Decimal, getcontext
 from pathlib import Path
 
 import pytest
@@ -20,167 +18,11 @@ from torch.testing import assert_close
 
 from rec_dist.data.schema import Schema
 from rec_dist.layers.personalization import PPNet
-from rec_dist.models import ESMM, PLE, MMoE, SharedBottom, ctcvr_logit
+from rec_dist.models import ESMM, PLE, MMoE, SharedBottom
 from rec_dist.models.multitask import MultiTaskMixin
-from tests.model_helpers import (
-    ALL_DENSE,
-    ALL_FIELDS,
-    bce,
-    multitask_task,
-    randomise,
-    ref_fields,
-    to_batch,
-    toy_rows,
-    toy_schema,
-)
-from tests.test_personalization import ref_cgc_row, ref_gate, ref_lhuc, ref_moe_row, ref_row, sig
-
-TASKS = ["like", "click"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and steadier on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-LHUC = {"lhuc": True, "lhuc_features": ["user_id", "age"]}
-PEPNET = {
-    "pepnet": True,
-    "pepnet_domain_features": ["primary_genre"],
-    "pepnet_id_features": ["user_id", "item_id"],
-    "pepnet_gamma": 1.5,
-    "pepnet_gate_hidden": 3,
-}
-POSO_FEATURES = ["tags", "vec"]  # a pooled field and a dense feature: the code concatenates both
-
-
-def poso(mode: str, layers: str = "all") -> dict:
-    return {
-        "poso": mode,
-        "poso_features": POSO_FEATURES,
-        "poso_scale": 2.5,
-        "poso_layers": layers,
-        "poso_gate_hidden": 4,
-    }
-
-
-# ---- references ------------------------------------------------------------------------------------
-
-
-def ref_inputs(model, rows, b):
-    """(x, u, code, ids) of sample b: EPNet applied to the general fields, LHUC / POSO / PPNet inputs."""
-    f = ref_fields(model, rows, b)
-    emb = torch.cat([f[n] for n in ALL_FIELDS])
-    dense = torch.cat([f[n] for n in ALL_DENSE])
-    ids = None
-    if model.personal.pepnet:
-        delta = ref_gate(model.personal.epnet.gate, torch.cat([f["primary_genre"], emb]))
-        emb = delta * emb
-        ids = torch.cat([f["user_id"], f["item_id"]])
-    u = torch.cat([f[n] for n in LHUC["lhuc_features"]])
-    code = torch.cat([f[n] for n in POSO_FEATURES])
-    return torch.cat([emb, dense]), u, code, ids
-
-
-def ref_towers(model, hidden: Sequence[torch.Tensor], x, ids) -> list[torch.Tensor]:
-    out = []
-    for t in range(len(model.tasks)):
-        if isinstance(model.towers, PPNet):
-            gate_in = torch.cat([ids, x])
-            scales = [ref_gate(g, gate_in) for g in model.towers.gates[t]]
-            out.append(ref_row(model.towers.towers[t], hidden[t], scales)[0])
-        else:
-            out.append(ref_row(model.towers[t], hidden[t])[0])
-    return out
-
-
-def lhuc_rows(layers, u):
-    return None if layers is None else [ref_lhuc(layer, u) for layer in layers]
-
-
-def ref_shared_bottom(model, rows, b):
-    x, u, code, ids = ref_inputs(model, rows, b)
-    mlp = model.bottom_mlp
-    num_hidden = len([m for m in mlp.layers if isinstance(m, nn.Linear)])
-    scales = [None] * num_hidden
-    if model.lhuc is not None:
-        scales = [ref_lhuc(layer, u) for layer in model.lhuc]
-    if model.personal.poso == "mlp":
-        for i, gate in enumerate(model.bottom.gates):
-            g = ref_gate(gate, code)
-            scales[i] = g if scales[i] is None else scales[i] * g
-    h = ref_row(mlp, x, scales if num_hidden else None)
-    return ref_towers(model, [h] * len(model.tasks), x, ids)
-
-
-def ref_mmoe(model, rows, b):
-    x, u, code, ids = ref_inputs(model, rows, b)
-    scales = None if model.lhuc is None else [lhuc_rows(layers, u) for layers in model.lhuc]
-    gates = ref_gate(model.moe.poso_gate, code) if model.personal.poso == "mmoe" else None
-    hidden = ref_moe_row(model.experts_moe, x, scales, gates)
-    return ref_towers(model, hidden, x, ids)
-
-
-def ref_ple(model, rows, b):
-    x, u, code, ids = ref_inputs(model, rows, b)
-    task_x, shared_x = [x] * len(model.tasks), x
-    for k, level in enumerate(model.levels):
-        scales = None if model.lhuc is None else [lhuc_rows(layers, u) for layers in model.lhuc[k]]
-        gates = None
-        if model.poso_gates is not None and k < len(model.poso_gates):
-            gates = ref_gate(model.poso_gates[k], code)
-        task_x, shared_x = ref_cgc_row(level, task_x, shared_x, scales, gates)
-    return ref_towers(model, task_x, x, ids)
-
-
-def naive_ctcvr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    p = sig(a) * sig(b)
-    return torch.log(p / (1 - p))
-
-
-def ref_esmm(model, rows, b):
-    a, cvr = ref_shared_bottom(model, rows, b)
-    return [a, naive_ctcvr(a, cvr)]
-
-
-CASES = {
-    "shared_bottom": (
-        lambda s, **k: SharedBottom(s, TASKS, bottom_hidden=[6, 5], tower_hidden=[4], **k),
-        ref_shared_bottom,
-    ),
-    "mmoe": (lambda s, **k: MMoE(s, TASKS, num_experts=3, expert_hidden=[6, 5], tower_hidden=[4], **k), ref_mmoe),
-    "ple": (
-        lambda s, **k: PLE(
-            s, TASKS, num_levels=2, task_experts=2, shared_experts=1, expert_hidden=[6, 5], tower_hidden=[4], **k
-        ),
-        ref_ple,
-    ),
-    "esmm": (lambda s, **k: ESMM(s, ["click", "like"], tower_hidden=[5, 4], **k), ref_esmm),
-    "esmm_bottom": (lambda s, **k: ESMM(s, ["click", "like"], bottom_hidden=[6], tower_hidden=[4], **k), ref_esmm),
-}
-
-KNOBS = [
-    ("shared_bottom", {}),
-    ("shared_bottom", {**LHUC, **PEPNET, **poso("mlp")}),
-    ("shared_bottom", {**LHUC, **poso("mlp", "first")}),
-    ("mmoe", {}),
-    ("mmoe", {**LHUC, **PEPNET, **poso("mmoe")}),
-    ("ple", {}),
-    ("ple", {**LHUC, **PEPNET, **poso("mmoe")}),
-    ("ple", {**poso("mmoe", "first")}),
-    ("esmm", {}),
-    ("esmm", {**PEPNET}),
-    ("esmm_bottom", {**LHUC, **PEPNET, **poso("mlp")}),
-]
-KNOB_IDS = [
-    f"{name}-{'+'.join(k for k in ('lhuc', 'pepnet', 'poso') if k in knobs) or 'base'}" for name, knobs in KNOBS
-]
-KNOB_IDS[2] += "-first"
-KNOB_IDS[7] += "-first"
+from tests.model_helpers import bce, multitask_task, randomise, to_batch, toy_rows, toy_schema
+from tests.multitask_refs import CASES, KNOB_IDS, KNOBS, PEPNET, TASKS
+from tests.test_personalization import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
 @pytest.mark.parametrize("name, knobs", KNOBS, ids=KNOB_IDS)
@@ -226,80 +68,6 @@ def test_epnet_stop_gradient_inside_a_model(monkeypatch):
     for task in TASKS:
         assert_close(out[task], out_plain[task])
     assert grad.abs().sum() > 0 and not torch.allclose(grad, grad_plain)
-
-
-# ---- ESMM ---------------------------------------------------------------------------------------------
-
-
-def exact_ctcvr(a: float, b: float) -> float:
-    """logit(sigmoid(a) sigmoid(b)) in 80-digit decimal arithmetic."""
-    getcontext().prec = 80
-    sa = 1 / (1 + (-Decimal(a)).exp())
-    sb = 1 / (1 + (-Decimal(b)).exp())
-    p = sa * sb
-    return float((p / (1 - p)).ln())
-
-
-VALUES = [-60.0, -30.0, -10.0, -2.0, -0.5, 0.0, 0.5, 2.0, 10.0, 30.0, 60.0]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ctcvr_logit_is_exact_and_finite_at_extremes(dtype):
-    grid = torch.tensor(VALUES, dtype=dtype)
-    a, b = torch.meshgrid(grid, grid, indexing="ij")
-    a, b = a.reshape(-1).requires_grad_(True), b.reshape(-1).requires_grad_(True)
-    got = ctcvr_logit(a, b)
-    assert torch.isfinite(got).all()
-    expected = torch.tensor([exact_ctcvr(x, y) for x, y in zip(a.tolist(), b.tolist(), strict=True)], dtype=dtype)
-    tol = 1e-5 if dtype == torch.float32 else 1e-10
-    assert_close(got, expected, rtol=tol, atol=tol)
-    got.sum().backward()
-    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
-    # the naive formula agrees where it is defined ...
-    moderate = (a.abs() <= 10) & (b.abs() <= 10)
-    assert_close(got[moderate], naive_ctcvr(a, b)[moderate], rtol=1e-4, atol=1e-4)
-    # ... and breaks down at the extremes in float32 (sigmoid(30) rounds to 1)
-    if dtype == torch.float32:
-        assert not torch.isfinite(naive_ctcvr(torch.tensor(30.0), torch.tensor(30.0)))
-
-
-def test_esmm_outputs_and_cvr_logits():
-    schema, rows = toy_schema(), toy_rows()
-    model = ESMM(schema, ["click", "like"], tower_hidden=[4])
-    randomise(model)
-    batch = to_batch(schema, rows)
-    out = model(batch)
-    cvr = model.cvr_logits(batch)
-    assert cvr.shape == (6,)
-    assert_close(torch.sigmoid(out["like"]), torch.sigmoid(out["click"]) * torch.sigmoid(cvr))
-    assert_close(out["like"], ctcvr_logit(out["click"], cvr))
-    # extreme tower outputs: no NaN / inf in the logits, the loss or the gradients
-    with torch.no_grad():
-        model.towers[0].layers[-1].bias.fill_(40.0)
-        model.towers[1].layers[-1].bias.fill_(-40.0)
-    out = model(batch)
-    loss = bce(out, batch)
-    loss.backward()
-    assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in out.values())
-    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
-
-
-def test_esmm_task_errors():
-    schema = toy_schema()
-    with pytest.raises(ValueError, match="exactly"):
-        ESMM(schema, ["click"])
-    with pytest.raises(ValueError, match="lhuc and poso scale the bottom"):
-        ESMM(schema, ["click", "like"], **LHUC)
-    regression = Schema.from_dict(
-        {
-            "name": "r",
-            "tables": {"u": {"num_embeddings": 3, "embedding_dim": 4}},
-            "features": {"user_id": {"kind": "sparse", "table": "u"}},
-            "labels": {"click": {"kind": "binary"}, "rating": {"kind": "regression"}},
-        }
-    )
-    with pytest.raises(ValueError, match="must be a binary label"):
-        ESMM(regression, ["click", "rating"])
 
 
 # ---- parameter groups for loss balancing ----------------------------------------------------------------

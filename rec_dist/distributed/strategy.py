@@ -44,6 +44,7 @@ from rec_dist.distributed.planner import (
 
 log = logging.getLogger(__name__)
 LIGHTNING_STATE = "lightning.pt"
+SHARDED_KEYS = ("state_dict", "optimizer_states")  # written by torch.distributed.checkpoint, per rank
 
 
 class TorchRecStrategy(DDPStrategy):
@@ -96,14 +97,15 @@ class TorchRecStrategy(DDPStrategy):
         return True  # shards exist only once DMP is built in setup
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        """A checkpoint is a directory: the sharded model and fused optimizer state through
-        torch.distributed.checkpoint (every rank writes its shards), the rest of Lightning's
-        checkpoint (loops, dense optimizer, callbacks) as ``lightning.pt`` from rank 0."""
+        """A checkpoint is a directory: the model and the optimizer states (fused sparse +
+        dense, sharded where the tables are) through torch.distributed.checkpoint, every rank
+        writing its shards; the rest of Lightning's checkpoint (loops, callbacks, schedulers)
+        as ``lightning.pt`` from rank 0."""
         import torch.distributed.checkpoint as dcp
 
         path = Path(filepath)
-        rest = {k: v for k, v in checkpoint.items() if k != "state_dict"}
-        dcp.save(self._sharded_state(checkpoint["state_dict"]), checkpoint_id=str(path))
+        rest = {k: v for k, v in checkpoint.items() if k not in SHARDED_KEYS}
+        dcp.save({k: checkpoint[k] for k in SHARDED_KEYS if k in checkpoint}, checkpoint_id=str(path))
         if self.is_global_zero:
             torch.save(rest, path / LIGHTNING_STATE)
         self.barrier("save_checkpoint")
@@ -114,11 +116,16 @@ class TorchRecStrategy(DDPStrategy):
         path = Path(checkpoint_path)
         if not (path / LIGHTNING_STATE).is_file():
             raise ValueError(f"{path} is not a torchrec-strategy checkpoint directory (no {LIGHTNING_STATE})")
-        state = self._sharded_state(self.lightning_module.state_dict())
-        dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's shards
-        self.lightning_module.model.fused_optimizer.load_state_dict(state["fused_optimizer"])
+        # Templates: this rank's live tensors (shards included); DCP loads into them in place.
+        state = {"state_dict": self.lightning_module.state_dict()}
+        optimizers = self.lightning_module.trainer.optimizers
+        if optimizers:  # fitting: the combined (fused + dense) optimizer states are sharded too
+            for optimizer in optimizers:
+                getattr(optimizer, "ensure_state", lambda: None)()  # lazy dense state needs slots
+            state["optimizer_states"] = [opt.state_dict() for opt in optimizers]
+        dcp.load(state, checkpoint_id=str(path))
         checkpoint = torch.load(path / LIGHTNING_STATE, map_location="cpu", weights_only=False)
-        checkpoint["state_dict"] = state["state_dict"]
+        checkpoint.update(state)
         return checkpoint
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
@@ -127,9 +134,6 @@ class TorchRecStrategy(DDPStrategy):
     def remove_checkpoint(self, filepath) -> None:
         if self.is_global_zero:
             shutil.rmtree(filepath, ignore_errors=True)
-
-    def _sharded_state(self, state_dict: dict) -> dict:
-        return {"state_dict": state_dict, "fused_optimizer": self.lightning_module.model.fused_optimizer.state_dict()}
 
     def _wrap(self, model: nn.Module, sparse_optimizer) -> nn.Module:
         dmp, self.plan_text = shard_model(

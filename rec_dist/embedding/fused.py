@@ -97,3 +97,38 @@ def fused_parameter_ids(model: nn.Module) -> set[int]:
     }
     ids |= {id(p) for p in model.parameters() if hasattr(p, "_in_backward_optimizers")}
     return ids
+
+
+def fused_optimizers(model: nn.Module) -> list[tuple[str, object]]:
+    """(name, KeyedOptimizer) of every optimizer fused into ``model``'s tables: DMP's one, or
+    each FusedEmbeddingBagCollection's."""
+    fused = getattr(model, "fused_optimizer", None)  # DistributedModelParallel (a property there)
+    if fused is not None and not callable(fused):
+        return [("sparse", fused)]
+    return [
+        (f"sparse.{name}", module.fused_optimizer())
+        for name, module in model.named_modules()
+        if isinstance(module, FusedEmbeddingBagCollection)
+    ]
+
+
+def combine_with_dense(
+    sparse: list[tuple[str, object]], dense: dict[str, nn.Parameter], factory
+) -> torch.optim.Optimizer:
+    """One optimizer for Lightning: the fused sparse optimizers, then ``factory(dense params)``."""
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+
+    class FusedAndDense(CombinedOptimizer):
+        """TorchRec's CombinedOptimizer; creates the dense part's lazy state before a load,
+        since KeyedOptimizer loads in place and refuses a state it has no slot for."""
+
+        def ensure_state(self) -> None:
+            if len(self.state) < len(self.params):
+                self.init_state()  # a zero-gradient step: no parameter moves
+                self.zero_grad(set_to_none=True)
+
+        def load_state_dict(self, state_dict) -> None:
+            self.ensure_state()
+            super().load_state_dict(state_dict)
+
+    return FusedAndDense([*sparse, ("dense", KeyedOptimizerWrapper(dense, factory))])

@@ -22,15 +22,8 @@ labels), ``loss`` (``bce`` on logits for a binary label, ``mse`` for any
 label; default ``bce`` for binary labels, ``mse`` for regression ones) and
 ``weight`` (>= 0, default 1; how balancers use it: ``rec_dist.losses``).
 
-``group_metrics`` (see ``UserGroups``) names one feature and the groups of
-rows to report separately: ``groups`` maps a group name to the feature values
-in it (a list) or to a half-open range ``{min: a, max: b}`` (either bound may
-be left out); ``new_below: K`` is short for
-``groups: {new: {max: K}, regular: {min: K}}``. The feature's value is the id
-of a sparse feature, the length of a sequence feature (after truncation to
-its ``max_len``) or the value of a one-column dense feature. So "new users"
-may be ``user_group`` in ``[2]``, ``user_activity >= 5`` or "fewer than 3
-events in ``hist_item_id``".
+``group_metrics`` names one feature and the groups of rows (by value or range, or
+``new_below: K``) to report separately; see ``rec_dist.tasks.group_metrics``.
 
 Logged metrics: ``train/loss`` (the balanced total, per step and per epoch),
 ``train/loss/<task>`` and ``train/weight/<task>`` (per epoch: the mean task
@@ -60,15 +53,35 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric, SumMetric
-from torchmetrics.classification import BinaryAUROC
+from torchmetrics import MeanMetric
 
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
-from rec_dist.embedding.collection import embedding_device
 from rec_dist.embedding.fused import SparseOptimizer
 from rec_dist.losses.balancing import Balancer, StaticWeights
-from rec_dist.tasks.ranking import STAGES, EvalMetrics, ModelFactory, OptimizerFactory, RankingTask, SchedulerFactory
+from rec_dist.tasks.group_metrics import GroupRule, RegressionMetrics, SubsetMetrics, UserGroups
+from rec_dist.tasks.ranking import (
+    STAGES,
+    EvalMetrics,
+    ModelFactory,
+    OptimizerFactory,
+    RankingTask,
+    SchedulerFactory,
+    attach_model,
+    check_fused_inference,
+    id_columns,
+)
+
+__all__ = [
+    "LOSSES",
+    "GroupRule",
+    "MultiTaskTask",
+    "RegressionMetrics",
+    "SubsetMetrics",
+    "TaskSpec",
+    "UserGroups",
+    "parse_tasks",
+]
 
 LOSSES = ("bce", "mse")
 
@@ -116,169 +129,6 @@ def parse_tasks(tasks: Mapping[str, Any] | None, schema: Schema) -> dict[str, Ta
             raise ValueError(f"{where}.{name}.weight must be a finite number >= 0, got {weight!r}")
         specs[str(name)] = TaskSpec(str(name), label, loss, float(weight))
     return specs
-
-
-# ---- user groups ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GroupRule:
-    """Rows whose value is in ``values``, or lies in ``[min, max)`` (a missing bound is open)."""
-
-    values: tuple[float, ...] | None = None
-    min: float | None = None
-    max: float | None = None
-
-    def mask(self, value: torch.Tensor) -> torch.Tensor:
-        if self.values is not None:
-            return torch.isin(value, torch.tensor(self.values, dtype=value.dtype, device=value.device))
-        keep = torch.ones_like(value, dtype=torch.bool)
-        if self.min is not None:
-            keep &= value >= self.min
-        if self.max is not None:
-            keep &= value < self.max
-        return keep
-
-
-@dataclass(frozen=True)
-class UserGroups:
-    """Named groups of rows by one feature (see the module docstring for the config)."""
-
-    feature: str
-    kind: str  # sparse | sequence | dense
-    rules: dict[str, GroupRule]
-    dense_column: int = 0
-
-    @classmethod
-    def from_config(cls, spec: Mapping[str, Any], schema: Schema) -> UserGroups:
-        where = "model.init_args.group_metrics"
-        if not isinstance(spec, Mapping):
-            raise ValueError(f"{where}: expected a mapping {{feature, groups | new_below}}, got {spec!r}")
-        unknown = sorted(set(spec) - {"feature", "groups", "new_below"})
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}; allowed: feature, groups, new_below")
-        if "feature" not in spec:
-            raise ValueError(f"{where}.feature: name the feature that defines the groups, e.g. user_group")
-        feature = schema.feature(spec["feature"])
-        if feature.kind == "multi_hot" or (feature.kind == "dense" and feature.dim != 1):
-            raise ValueError(f"{where}.feature: {feature.name!r} must be a sparse, sequence or one-column dense "
-                             f"feature, not {feature.kind} (dim {feature.dim})")
-        if ("groups" in spec) == ("new_below" in spec):
-            raise ValueError(f"{where}: give exactly one of `groups` and `new_below`")
-        if "new_below" in spec:
-            k = spec["new_below"]
-            if isinstance(k, bool) or not isinstance(k, int | float):
-                raise ValueError(f"{where}.new_below must be a number, got {k!r}")
-            rules = {"new": GroupRule(max=float(k)), "regular": GroupRule(min=float(k))}
-        else:
-            groups = spec["groups"]
-            if not isinstance(groups, Mapping) or not groups:
-                raise ValueError(f"{where}.groups: expected a non-empty mapping group name -> values or {{min, max}}")
-            rules = {str(name): _rule(rule, f"{where}.groups.{name}") for name, rule in groups.items()}
-        if feature.kind == "sequence":
-            bounds = [b for r in rules.values() for b in (r.min, r.max) if b is not None]
-            if any(b > feature.max_len for b in bounds):
-                raise ValueError(f"{where}: {feature.name!r} is truncated to max_len {feature.max_len}, so a "
-                                 f"length bound above it cannot be told apart; got bounds {bounds}")
-        column = 0
-        for f in schema.dense_features:
-            if f.name == feature.name:
-                break
-            column += f.dim
-        return cls(feature.name, feature.kind, rules, column)
-
-    def value(self, batch: Batch) -> torch.Tensor:
-        """The grouping value of each row, ``(B,)``."""
-        if self.kind == "sparse":
-            return batch.ids(self.feature)
-        if self.kind == "sequence":
-            kjt = batch.sequence if self.feature in batch.sequence.keys() else batch.sparse
-            return kjt[self.feature].lengths()
-        return batch.dense[:, self.dense_column]
-
-    def masks(self, batch: Batch) -> dict[str, torch.Tensor]:
-        value = self.value(batch)
-        return {name: rule.mask(value) for name, rule in self.rules.items()}
-
-
-def _rule(raw: Any, where: str) -> GroupRule:
-    if isinstance(raw, list | tuple) and raw and all(isinstance(v, int | float) for v in raw):
-        return GroupRule(values=tuple(raw))
-    if isinstance(raw, Mapping) and raw and set(raw) <= {"min", "max"}:
-        lo, hi = raw.get("min"), raw.get("max")
-        if lo is not None and hi is not None and lo >= hi:
-            raise ValueError(f"{where}: min {lo} must be below max {hi}")
-        return GroupRule(min=lo, max=hi)
-    raise ValueError(f"{where}: expected a list of values or a range {{min: a, max: b}}, got {raw!r}")
-
-
-# ---- metrics --------------------------------------------------------------------------------------------
-class RegressionMetrics(nn.Module):
-    """MSE and MAE of one regression task."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.mse = MeanMetric()
-        self.mae = MeanMetric()
-
-    def update(self, pred: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None) -> None:
-        self.mse.update((pred - target) ** 2)
-        self.mae.update((pred - target).abs())
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        return {"mse": self.mse.compute(), "mae": self.mae.compute()}
-
-    def reset(self) -> None:
-        self.mse.reset()
-        self.mae.reset()
-
-
-class SubsetMetrics(nn.Module):
-    """Metrics of one task on the rows of one group: AUC + logloss (binary) or MSE + MAE.
-
-    ``compute`` leaves out what the rows cannot define (no rows; AUC without both classes).
-    """
-
-    def __init__(self, binary: bool) -> None:
-        super().__init__()
-        self.binary = binary
-        self.rows = SumMetric()
-        self.positives = SumMetric()
-        if binary:
-            self.auc = BinaryAUROC()
-            self.logloss = MeanMetric()
-        else:
-            self.errors = RegressionMetrics()
-
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
-        self.rows.update(mask.sum().float())
-        self.positives.update((labels[mask] > 0.5).sum().float())
-        if not bool(mask.any()):
-            return
-        logits, labels = logits[mask], labels[mask]
-        if self.binary:
-            self.auc.update(torch.sigmoid(logits), labels.long())
-            self.logloss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
-        else:
-            self.errors.update(logits, labels)
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        rows, positives = float(self.rows.compute()), float(self.positives.compute())
-        if rows == 0:
-            return {}
-        if not self.binary:
-            return self.errors.compute()
-        out = {"logloss": self.logloss.compute()}
-        if 0 < positives < rows:
-            out["auc"] = self.auc.compute()
-        return out
-
-    def reset(self) -> None:
-        for metric in (self.rows, self.positives):
-            metric.reset()
-        if self.binary:
-            self.auc.reset()
-            self.logloss.reset()
-        else:
-            self.errors.reset()
 
 
 # ---- the task -------------------------------------------------------------------------------------------
@@ -329,13 +179,7 @@ class MultiTaskTask(pl.LightningModule):
             regression=[n for n, s in self.specs.items() if not s.binary],
         )
         self.automatic_optimization = not self.balancer.manipulates_gradients
-        with embedding_device("meta" if meta_embeddings else None):
-            self.model = model(schema, names)
-        self.meta_embeddings = meta_embeddings
-        self.sparse_optimizer = sparse_optimizer
-        self.fused_on_cpu = False
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
+        attach_model(self, model, schema, names, optimizer, lr_scheduler, sparse_optimizer, meta_embeddings)
         self.train_losses = nn.ModuleDict({n: MeanMetric() for n in names})
         self.metrics = nn.ModuleDict({
             stage: nn.ModuleDict({n: EvalMetrics() if s.binary else RegressionMetrics() for n, s in self.specs.items()})
@@ -402,11 +246,7 @@ class MultiTaskTask(pl.LightningModule):
 
     # ---- evaluation -------------------------------------------------------------------------------
     def _eval_step(self, batch: Batch, stage: str) -> None:
-        if self.fused_on_cpu and torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "sparse_optimizer on CPU: FBGEMM's fused CPU lookup cannot run under torch.inference_mode; "
-                "set trainer.inference_mode: false"
-            )
+        check_fused_inference(self.fused_on_cpu)
         outputs = self(batch)
         gauc_groups = batch.ids(self.gauc_feature) if self.gauc_feature else None
         masks = self.user_groups.masks(batch) if self.user_groups else {}
@@ -450,11 +290,7 @@ class MultiTaskTask(pl.LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Per task the probability (bce) or the prediction (mse), beside the user / item ids."""
-        out = {}
-        for key in ("user_column", "item_column"):
-            column = self.schema.extra.get(key)
-            if column in self.schema.features and self.schema.features[column].kind == "sparse":
-                out[column] = batch.ids(column)
+        out = id_columns(self.schema, batch)
         outputs = self(batch)
         for name, spec in self.specs.items():
             out[name] = torch.sigmoid(outputs[name]) if spec.binary else outputs[name]

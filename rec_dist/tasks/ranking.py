@@ -14,7 +14,13 @@ from torchmetrics.classification import BinaryAUROC
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.collection import embedding_device
-from rec_dist.embedding.fused import SparseOptimizer, fuse_pooled_tables, fused_parameter_ids
+from rec_dist.embedding.fused import (
+    SparseOptimizer,
+    combine_with_dense,
+    fuse_pooled_tables,
+    fused_optimizers,
+    fused_parameter_ids,
+)
 from rec_dist.metrics.gauc import GroupAUC
 
 # A model class whose first two arguments (schema, task names) the task fills in.
@@ -23,6 +29,47 @@ OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 STAGES = ("val", "test")
+
+
+def attach_model(
+    task: pl.LightningModule,
+    model: ModelFactory,
+    schema: Schema,
+    tasks: Sequence[str],
+    optimizer: OptimizerFactory,
+    lr_scheduler: SchedulerFactory | None,
+    sparse_optimizer: SparseOptimizer | None,
+    meta_embeddings: bool,
+) -> None:
+    """Build ``task.model`` as ``model(schema, tasks)`` and set what ``RankingTask.configure_model``
+    and ``configure_optimizers`` read (shared by ``RankingTask`` and ``MultiTaskTask``)."""
+    with embedding_device("meta" if meta_embeddings else None):
+        task.model = model(schema, tasks)
+    task.meta_embeddings = meta_embeddings
+    task.sparse_optimizer = sparse_optimizer
+    task.fused_on_cpu = False
+    task.optimizer_factory = optimizer
+    task.scheduler_factory = lr_scheduler
+
+
+def check_fused_inference(fused_on_cpu: bool) -> None:
+    """Refuse an evaluation step FBGEMM's fused CPU lookup cannot run (under ``torch.inference_mode``)."""
+    if fused_on_cpu and torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "sparse_optimizer on CPU: FBGEMM's fused CPU lookup cannot run under torch.inference_mode; "
+            "set trainer.inference_mode: false"
+        )
+
+
+def id_columns(schema: Schema, batch: Batch) -> dict[str, torch.Tensor]:
+    """The user / item ids a prediction row carries: the schema's ``user_column`` / ``item_column``
+    (``schema.extra``), when each names a sparse feature."""
+    out = {}
+    for key in ("user_column", "item_column"):
+        column = schema.extra.get(key)
+        if column in schema.features and schema.features[column].kind == "sparse":
+            out[column] = batch.ids(column)
+    return out
 
 
 class EvalMetrics(nn.Module):
@@ -94,13 +141,7 @@ class RankingTask(pl.LightningModule):
         self.schema = schema
         self.label = label
         self.group_feature = group_feature
-        with embedding_device("meta" if meta_embeddings else None):
-            self.model = model(schema, (label,))
-        self.meta_embeddings = meta_embeddings
-        self.sparse_optimizer = sparse_optimizer
-        self.fused_on_cpu = False
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
+        attach_model(self, model, schema, (label,), optimizer, lr_scheduler, sparse_optimizer, meta_embeddings)
         self.metrics = nn.ModuleDict({stage: EvalMetrics() for stage in STAGES})
 
     def configure_model(self) -> None:
@@ -122,22 +163,6 @@ class RankingTask(pl.LightningModule):
         fuse_pooled_tables(self.model, self.sparse_optimizer)
         self.fused_on_cpu = self.device.type == "cpu" and bool(fused_parameter_ids(self))
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Single-process fused tables keep their optimizer state (Adagrad sums) outside
-        Lightning's optimizers: save it too, so a resumed run continues exactly."""
-        states = {name: module.fused_optimizer().state_dict() for name, module in self._fused_modules()}
-        if states:
-            checkpoint["fused_optimizers"] = states
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        for name, state in checkpoint.get("fused_optimizers", {}).items():
-            self.get_submodule(name).fused_optimizer().load_state_dict(state)
-
-    def _fused_modules(self):
-        from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
-
-        return [(n, m) for n, m in self.named_modules() if isinstance(m, FusedEmbeddingBagCollection)]
-
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.model(batch)[self.label]
 
@@ -151,11 +176,7 @@ class RankingTask(pl.LightningModule):
         return loss
 
     def _eval_step(self, batch: Batch, stage: str) -> None:
-        if self.fused_on_cpu and torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "sparse_optimizer on CPU: FBGEMM's fused CPU lookup cannot run under torch.inference_mode; "
-                "set trainer.inference_mode: false"
-            )
+        check_fused_inference(self.fused_on_cpu)
         logits = self(batch)
         groups = batch.ids(self.group_feature) if self.group_feature else None
         self.metrics[stage].update(logits, batch.labels[self.label], groups)
@@ -168,11 +189,7 @@ class RankingTask(pl.LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Probabilities per task, beside the user / item ids they score (when the schema names them)."""
-        out = {}
-        for key in ("user_column", "item_column"):
-            column = self.schema.extra.get(key)
-            if column in self.schema.features and self.schema.features[column].kind == "sparse":
-                out[column] = batch.ids(column)
+        out = id_columns(self.schema, batch)
         out.update({name: torch.sigmoid(logit) for name, logit in self.model(batch).items()})
         return out
 
@@ -191,8 +208,20 @@ class RankingTask(pl.LightningModule):
         self._eval_epoch_end("test")
 
     def configure_optimizers(self):
+        """The dense optimizer, combined with the fused sparse optimizers when there are any.
+
+        TorchRec's CombinedOptimizer steps the fused part (which only passes its
+        learning rate to the kernels: the update itself ran in the backward) and
+        then the dense part, so one LR scheduler drives both, and Lightning's
+        checkpoints hold both states.
+        """
         fused = fused_parameter_ids(self)  # updated inside the backward by their own optimizer
-        optimizer = self.optimizer_factory([p for p in self.parameters() if id(p) not in fused])
+        dense = {name: p for name, p in self.named_parameters() if id(p) not in fused}
+        sparse = fused_optimizers(self.model)
+        if sparse:
+            optimizer = combine_with_dense(sparse, dense, self.optimizer_factory)
+        else:
+            optimizer = self.optimizer_factory(list(dense.values()))
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}

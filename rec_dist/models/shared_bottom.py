@@ -1,0 +1,124 @@
+"""Shared-Bottom (Caruana 1997): one bottom MLP, one tower per task.
+
+``h_t = Bottom(x)`` for every task, ``logit_t = Tower_t(h_t)``; the model overview and the
+personalisation knobs are described in ``rec_dist.models.multitask``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from rec_dist.data.batch import Batch
+from rec_dist.data.schema import Schema
+from rec_dist.embedding.collection import FeatureEmbeddings
+from rec_dist.layers.mlp import MLP
+from rec_dist.layers.personalization import last_linear, scaled_mlp
+from rec_dist.layers.poso import POSOMLP
+from rec_dist.models.base import RankingModel
+from rec_dist.models.multitask_base import MultiTaskMixin
+from rec_dist.models.personalized import (
+    PERSONALIZATION_KNOBS,
+    PersonalInputs,
+    Personalization,
+    lhuc_scales,
+    run_towers,
+    tower_modules,
+)
+
+
+class SharedBottom(MultiTaskMixin, RankingModel):
+    """Shared-Bottom: one bottom MLP, one tower per task; see the module docstring.
+
+    Args:
+        schema: the feature schema.
+        tasks: label names to predict, one logit each.
+        features: fields and dense features of x (None: all; see ``rec_dist.models.base``).
+        bottom_hidden: hidden widths of the shared bottom MLP.
+        tower_hidden: hidden widths of each task tower (then one linear unit).
+        activation, dropout, batchnorm: of the bottom and the towers.
+        lhuc, lhuc_features: LHUC on the bottom's hidden layers.
+        pepnet, pepnet_domain_features, pepnet_id_features, pepnet_gamma, pepnet_gate_hidden:
+            EPNet on the input embeddings, PPNet on the towers.
+        poso, poso_features, poso_scale, poso_layers, poso_gate_hidden: ``poso='mlp'``
+            gates the bottom's hidden layers (``'all'`` or the ``'first'``).
+    """
+
+    _poso_modes: tuple[str, ...] = ("mlp",)
+    _allow_empty_bottom = False
+
+    def __init__(
+        self,
+        schema: Schema,
+        tasks: Sequence[str] = ("click", "like"),
+        features: list[str] | None = None,
+        bottom_hidden: Sequence[int] = (256, 128),
+        tower_hidden: Sequence[int] = (64,),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batchnorm: bool = False,
+        lhuc: bool = False,
+        lhuc_features: list[str] | None = None,
+        pepnet: bool = False,
+        pepnet_domain_features: list[str] | None = None,
+        pepnet_id_features: list[str] | None = None,
+        pepnet_gamma: float = 2.0,
+        pepnet_gate_hidden: int | None = None,
+        poso: str | None = None,
+        poso_features: list[str] | None = None,
+        poso_scale: float = 2.0,
+        poso_layers: str = "all",
+        poso_gate_hidden: int | None = None,
+    ) -> None:
+        super().__init__(schema, tasks)
+        name = type(self).__name__
+        knobs = {k: v for k, v in locals().items() if k in PERSONALIZATION_KNOBS}
+        self.embeddings = FeatureEmbeddings(schema)
+        self.personal = Personalization(schema, type(self).__name__, features, poso_modes=self._poso_modes, **knobs)
+        bottom_hidden = [int(h) for h in bottom_hidden]
+        if not bottom_hidden and not self._allow_empty_bottom:
+            raise ValueError(f"{name}: bottom_hidden needs at least one layer")
+        if not bottom_hidden and (lhuc or poso):
+            raise ValueError(f"{name}: lhuc and poso scale the bottom's hidden layers; give bottom_hidden")
+        n = self.personal.input_dim
+        mlp_args = {"activation": activation, "dropout": dropout, "batchnorm": batchnorm}
+        if poso == "mlp":
+            self.bottom: nn.Module = POSOMLP(
+                n,
+                bottom_hidden,
+                self.personal.code_dim,
+                scale=poso_scale,
+                gate_hidden=poso_gate_hidden,
+                layers=poso_layers,
+                **mlp_args,
+            )
+        else:
+            self.bottom = MLP(n, bottom_hidden, **mlp_args)
+        self.lhuc = self.personal.lhuc_layers(self.bottom_mlp) if lhuc else None
+        self.towers = self.personal.towers(self.bottom_mlp.output_dim, len(self.tasks), tower_hidden, **mlp_args)
+
+    @property
+    def bottom_mlp(self) -> MLP:
+        return self.bottom.mlp if isinstance(self.bottom, POSOMLP) else self.bottom
+
+    def _raw_logits(self, batch: Batch) -> dict[str, torch.Tensor]:
+        p: PersonalInputs = self.personal(self.embeddings(batch))
+        scales = lhuc_scales(self.lhuc, p.lhuc)
+        if isinstance(self.bottom, POSOMLP):
+            h = self.bottom(p.x, p.code, scales)  # (B, H)
+        else:
+            h = scaled_mlp(self.bottom, p.x, scales)  # (B, H)
+        logits = run_towers(self.towers, [h] * len(self.tasks), p)
+        return dict(zip(self.tasks, logits, strict=True))  # {task: (B,)}
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self._raw_logits(batch)
+
+    def task_modules(self) -> dict[str, list[nn.Module]]:
+        return {task: tower_modules(self.towers, t) for t, task in enumerate(self.tasks)}
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        linear = last_linear(self.bottom_mlp)
+        return [] if linear is None else [linear.weight]

@@ -1,0 +1,190 @@
+"""Metrics per user group of ``MultiTaskTask``: the groups (``UserGroups``) and the metrics of
+one task on one group's rows (``SubsetMetrics``; ``RegressionMetrics`` for mse tasks).
+
+``group_metrics`` (the task's config, read by ``UserGroups.from_config``) names one feature
+and the groups of rows to report separately: ``groups`` maps a group name to the feature
+values in it (a list) or to a half-open range ``{min: a, max: b}`` (either bound may be left
+out); ``new_below: K`` is short for ``groups: {new: {max: K}, regular: {min: K}}``. The
+feature's value is the id of a sparse feature, the length of a sequence feature (after
+truncation to its ``max_len``) or the value of a one-column dense feature. So "new users"
+may be ``user_group`` in ``[2]``, ``user_activity >= 5`` or "fewer than 3 events in
+``hist_item_id``".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.classification import BinaryAUROC
+
+from rec_dist.data.batch import Batch
+from rec_dist.data.schema import Schema
+
+
+# ---- user groups ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GroupRule:
+    """Rows whose value is in ``values``, or lies in ``[min, max)`` (a missing bound is open)."""
+
+    values: tuple[float, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+
+    def mask(self, value: torch.Tensor) -> torch.Tensor:
+        if self.values is not None:
+            return torch.isin(value, torch.tensor(self.values, dtype=value.dtype, device=value.device))
+        keep = torch.ones_like(value, dtype=torch.bool)
+        if self.min is not None:
+            keep &= value >= self.min
+        if self.max is not None:
+            keep &= value < self.max
+        return keep
+
+
+@dataclass(frozen=True)
+class UserGroups:
+    """Named groups of rows by one feature (see the module docstring for the config)."""
+
+    feature: str
+    kind: str  # sparse | sequence | dense
+    rules: dict[str, GroupRule]
+    dense_column: int = 0
+
+    @classmethod
+    def from_config(cls, spec: Mapping[str, Any], schema: Schema) -> UserGroups:
+        where = "model.init_args.group_metrics"
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{where}: expected a mapping {{feature, groups | new_below}}, got {spec!r}")
+        unknown = sorted(set(spec) - {"feature", "groups", "new_below"})
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; allowed: feature, groups, new_below")
+        if "feature" not in spec:
+            raise ValueError(f"{where}.feature: name the feature that defines the groups, e.g. user_group")
+        feature = schema.feature(spec["feature"])
+        if feature.kind == "multi_hot" or (feature.kind == "dense" and feature.dim != 1):
+            raise ValueError(f"{where}.feature: {feature.name!r} must be a sparse, sequence or one-column dense "
+                             f"feature, not {feature.kind} (dim {feature.dim})")
+        if ("groups" in spec) == ("new_below" in spec):
+            raise ValueError(f"{where}: give exactly one of `groups` and `new_below`")
+        if "new_below" in spec:
+            k = spec["new_below"]
+            if isinstance(k, bool) or not isinstance(k, int | float):
+                raise ValueError(f"{where}.new_below must be a number, got {k!r}")
+            rules = {"new": GroupRule(max=float(k)), "regular": GroupRule(min=float(k))}
+        else:
+            groups = spec["groups"]
+            if not isinstance(groups, Mapping) or not groups:
+                raise ValueError(f"{where}.groups: expected a non-empty mapping group name -> values or {{min, max}}")
+            rules = {str(name): _rule(rule, f"{where}.groups.{name}") for name, rule in groups.items()}
+        if feature.kind == "sequence":
+            bounds = [b for r in rules.values() for b in (r.min, r.max) if b is not None]
+            if any(b > feature.max_len for b in bounds):
+                raise ValueError(f"{where}: {feature.name!r} is truncated to max_len {feature.max_len}, so a "
+                                 f"length bound above it cannot be told apart; got bounds {bounds}")
+        column = 0
+        for f in schema.dense_features:
+            if f.name == feature.name:
+                break
+            column += f.dim
+        return cls(feature.name, feature.kind, rules, column)
+
+    def value(self, batch: Batch) -> torch.Tensor:
+        """The grouping value of each row, ``(B,)``."""
+        if self.kind == "sparse":
+            return batch.ids(self.feature)
+        if self.kind == "sequence":
+            kjt = batch.sequence if self.feature in batch.sequence.keys() else batch.sparse
+            return kjt[self.feature].lengths()
+        return batch.dense[:, self.dense_column]
+
+    def masks(self, batch: Batch) -> dict[str, torch.Tensor]:
+        value = self.value(batch)
+        return {name: rule.mask(value) for name, rule in self.rules.items()}
+
+
+def _rule(raw: Any, where: str) -> GroupRule:
+    if isinstance(raw, list | tuple) and raw and all(isinstance(v, int | float) for v in raw):
+        return GroupRule(values=tuple(raw))
+    if isinstance(raw, Mapping) and raw and set(raw) <= {"min", "max"}:
+        lo, hi = raw.get("min"), raw.get("max")
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"{where}: min {lo} must be below max {hi}")
+        return GroupRule(min=lo, max=hi)
+    raise ValueError(f"{where}: expected a list of values or a range {{min: a, max: b}}, got {raw!r}")
+
+
+# ---- metrics --------------------------------------------------------------------------------------------
+class RegressionMetrics(nn.Module):
+    """MSE and MAE of one regression task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mse = MeanMetric()
+        self.mae = MeanMetric()
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None) -> None:
+        self.mse.update((pred - target) ** 2)
+        self.mae.update((pred - target).abs())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {"mse": self.mse.compute(), "mae": self.mae.compute()}
+
+    def reset(self) -> None:
+        self.mse.reset()
+        self.mae.reset()
+
+
+class SubsetMetrics(nn.Module):
+    """Metrics of one task on the rows of one group: AUC + logloss (binary) or MSE + MAE.
+
+    ``compute`` leaves out what the rows cannot define (no rows; AUC without both classes).
+    """
+
+    def __init__(self, binary: bool) -> None:
+        super().__init__()
+        self.binary = binary
+        self.rows = SumMetric()
+        self.positives = SumMetric()
+        if binary:
+            self.auc = BinaryAUROC()
+            self.logloss = MeanMetric()
+        else:
+            self.errors = RegressionMetrics()
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
+        self.rows.update(mask.sum().float())
+        self.positives.update((labels[mask] > 0.5).sum().float())
+        if not bool(mask.any()):
+            return
+        logits, labels = logits[mask], labels[mask]
+        if self.binary:
+            self.auc.update(torch.sigmoid(logits), labels.long())
+            self.logloss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+        else:
+            self.errors.update(logits, labels)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        rows, positives = float(self.rows.compute()), float(self.positives.compute())
+        if rows == 0:
+            return {}
+        if not self.binary:
+            return self.errors.compute()
+        out = {"logloss": self.logloss.compute()}
+        if 0 < positives < rows:
+            out["auc"] = self.auc.compute()
+        return out
+
+    def reset(self) -> None:
+        for metric in (self.rows, self.positives):
+            metric.reset()
+        if self.binary:
+            self.auc.reset()
+            self.logloss.reset()
+        else:
+            self.errors.reset()
