@@ -82,6 +82,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             if step == 0:
                 logits0 = torch.cat(gathered).tolist()
         results[sharding_type] = {"losses": losses, "logits0": logits0, "plan": plan}
+        if sharding_type in ("column_wise", "table_column_wise"):  # the user table really is split
+            user_line = next(line for line in plan.splitlines() if ".pooled.user:" in line)
+            assert sharding_type in user_line and "on ranks [0, 1]" in user_line
         dist.barrier()
     if rank == 0:
         with open(out, "w") as fh:
@@ -146,4 +149,16 @@ def test_row_wise_on_cpu_is_a_clear_error():
         table_constraints({"user": (8, True)}, ShardingConfig(tables={"user": TableSharding(["row_wise"])}),
                           torch.device("cpu"))
     assert table_constraints({"user": (8, True)}, ShardingConfig(tables={"user": TableSharding(["row_wise"])}),
-                             torch.device("cuda"))["user"] == (["row_wise"], ["fused"])
+                             torch.device("cuda"))["user"] == (["row_wise"], ["fused"], None)
+
+
+def test_column_wise_blocks_split_tables_over_ranks():
+    from rec_dist.distributed.planner import column_block
+
+    assert [column_block(16, 2), column_block(16, 4), column_block(8, 2), column_block(12, 2), column_block(4, 2)] == [
+        8, 4, 4, 4, 4]
+    constraints = table_constraints({"t": (16, True)}, ShardingConfig(["column_wise"]), torch.device("cpu"), 2)
+    assert constraints["t"] == (["column_wise"], ["fused"], 8)
+    with pytest.raises(ValueError, match="min_partition 6 must be a multiple of 4 dividing dim 16"):
+        table_constraints({"t": (16, True)}, ShardingConfig(tables={"t": TableSharding(["column_wise"], None, 6)}),
+                          torch.device("cpu"))

@@ -27,6 +27,7 @@ class TableSharding:
 
     sharding_types: list[str] | None = None
     compute_kernels: list[str] | None = None
+    min_partition: int | None = None  # column-wise block width (a multiple of 4 dividing the dim)
 
 
 @dataclass
@@ -55,10 +56,20 @@ def supported_sharding_types(device: torch.device, pooled: bool = True) -> tuple
     return CPU_SHARDING_TYPES + (GPU_ONLY_SHARDING_TYPES if device.type == "cuda" else ())
 
 
+def column_block(dim: int, world_size: int) -> int:
+    """Default column-wise block: ``dim / world_size`` rounded down to a multiple of 4 (at least 4),
+    so column-wise sharding splits a table over the ranks. (TorchRec's default block is 128
+    columns, which leaves every table of dim <= 128 in one piece.)"""
+    block = max(4, (dim // max(1, world_size)) // 4 * 4)
+    while dim % block:
+        block -= 4
+    return max(block, 4)
+
+
 def table_constraints(
-    tables: dict[str, tuple[int, bool]], config: ShardingConfig, device: torch.device
-) -> dict[str, tuple[list[str], list[str]]]:
-    """``{table: (sharding_types, compute_kernels)}`` for tables ``{name: (dim, pooled)}``.
+    tables: dict[str, tuple[int, bool]], config: ShardingConfig, device: torch.device, world_size: int = 1
+) -> dict[str, tuple[list[str], list[str], int | None]]:
+    """``{table: (sharding_types, compute_kernels, min_partition)}`` for tables ``{name: (dim, pooled)}``.
 
     Raises ValueError naming the table when the config asks for something the
     device cannot do (row_wise on CPU, say) or names a table that does not exist.
@@ -86,7 +97,12 @@ def table_constraints(
             raise ValueError(f"table {name!r}: unknown compute kernels {bad}; known: {list(COMPUTE_KERNELS)}")
         if "data_parallel" in types and kernels != ["dense"]:
             raise ValueError(f"table {name!r}: data_parallel sharding needs compute_kernels [dense]")
-        out[name] = (types, kernels)
+        block = override.min_partition
+        if block is None and fusable and {"column_wise", "table_column_wise"} & set(types):
+            block = column_block(dim, world_size)
+        if block is not None and (block % 4 or dim % block):
+            raise ValueError(f"table {name!r}: min_partition {block} must be a multiple of 4 dividing dim {dim}")
+        out[name] = (types, kernels, block)
     return out
 
 

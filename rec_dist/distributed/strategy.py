@@ -55,7 +55,7 @@ class TorchRecStrategy(DDPStrategy):
     def __init__(self, sharding: ShardingConfig | dict | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         if isinstance(sharding, dict):
-            tables = {k: TableSharding(**v) for k, v in sharding.get("tables", {}).items()}
+            tables = {k: TableSharding(**v) for k, v in sharding.get("tables", {}).items()}  # plain YAML dicts
             sharding = ShardingConfig(sharding.get("sharding_types"), tables)
         self.sharding = sharding or ShardingConfig()
         self.plan_text: str | None = None
@@ -171,14 +171,14 @@ def shard_model(model: nn.Module, sparse_optimizer, sharding: ShardingConfig, de
     from rec_dist.embedding.fused import SPARSE_OPTIMIZERS
 
     tables = embedding_tables(model)
-    constraints = table_constraints(tables, sharding, device)
-    fused_tables = {name for name, (_, kernels) in constraints.items() if kernels != ["dense"]}
+    constraints = table_constraints(tables, sharding, device, world_size)
+    fused_tables = {name for name, (_, kernels, _) in constraints.items() if kernels != ["dense"]}
     if fused_tables and sparse_optimizer is None:
         raise ValueError(
             f"strategy torchrec: tables {sorted(fused_tables)} use a fused kernel, which needs "
             "model.init_args.sparse_optimizer (e.g. {name: adagrad, lr: 0.05})"
         )
-    full_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    full_state = {k: v.detach() for k, v in model.state_dict().items()}  # references, no copy
     for child in model.modules():
         if isinstance(child, EmbeddingBagCollection | EmbeddingCollection):
             configs = child.embedding_bag_configs() if isinstance(child, EmbeddingBagCollection) else (
@@ -191,8 +191,8 @@ def shard_model(model: nn.Module, sparse_optimizer, sharding: ShardingConfig, de
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world_size, compute_device=device.type),
         constraints={
-            name: ParameterConstraints(sharding_types=types, compute_kernels=kernels)
-            for name, (types, kernels) in constraints.items()
+            name: ParameterConstraints(sharding_types=types, compute_kernels=kernels, min_partition=block)
+            for name, (types, kernels, block) in constraints.items()
         },
     )
     sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]

@@ -68,7 +68,7 @@ def fuse_pooled_tables(model: nn.Module, optimizer: SparseOptimizer) -> int:
         and all(c.embedding_dim % 4 == 0 for c in child.embedding_bag_configs())  # FBGEMM's kernels need this
     ]
     for name, ebc in targets:
-        weights = {key: value.detach().clone() for key, value in ebc.state_dict().items()}
+        weights = {key: value.detach() for key, value in ebc.state_dict().items()}  # references, no copy
         device = next(iter(weights.values())).device if weights else torch.device("cpu")
         if optimizer.name in CUDA_ONLY and device.type != "cuda":
             raise ValueError(
