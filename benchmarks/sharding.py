@@ -10,33 +10,38 @@ Model: DCN-V2 (2 cross layers, MLP 256-128) over a hand-built schema: one big id
 small tables (a 10k-row multi-hot, 1000 and 24 rows) and one dense feature. Every id feature
 says ``on_oov: hash``: raw ids are a Zipf(``--zipf``) rank over the big vocabulary scattered
 through [0, 2^48) by an odd multiplier, so nearly all of them are out of range and the data
-path (``ColumnChunk.from_arrow``) hashes them into the table by modulo, as in production.
+path (``ColumnChunk.from_arrow``) hashes them into the table by modulo, as the schema says.
 
 Memory (part a). Every cell runs in freshly spawned processes (gloo, one process per rank):
 the tables are built on meta (``with embedding_device("meta")``) so no rank ever allocates a
 full table, ``shard_model`` (the function behind ``--trainer.strategy torchrec``) shards them
-with Adagrad fused into the backward, and ``--steps`` training steps run (Adam on the dense
+with Adagrad fused into the backward, and ``--memory-steps`` training steps run (Adam on the dense
 part) so the optimizer state is allocated. Peak RSS is the process's ``ru_maxrss``. An idle
 process with the same imports and a gloo group gives the baseline that is subtracted
 ("net"). The ratio is max over ranks (world 2) / world 1; the issue's target is <= 0.6.
 ``table_wise`` places whole tables, so with ONE big table the whole table lands on one rank
 (ratio ~1 by construction); the ``2 big`` rows show table_wise splitting two tables.
-``column_wise`` splits a table by columns in blocks of the constraint's ``min_partition``;
-``shard_model`` sets none, so TorchRec's default block (its ``MIN_CW_DIM`` = 128 columns,
-capped at the dim) keeps a dim-16 table in one piece. The ``column_wise/8`` rows pass
-``min_partition=8`` (patched into the ParameterConstraints that ``shard_model`` builds; only
-this script does that), which is what the issue's column-wise target needs.
+``column_wise`` splits a table by columns in blocks of ``min_partition``; rec_dist's default
+block is dim / world size (8 columns here), so the table is split over the ranks. The
+``column_wise/16`` rows set ``min_partition: 16`` (TorchRec's own default, 128 columns capped
+at the dim, behaves the same): the table stays in one piece.
 
-Throughput (part b). One process, ``--threads`` threads, same model and data per row:
-``plain`` is the model on ``torch.nn.EmbeddingBag`` tables (written below) with dense Adam
-over everything (what a plain PyTorch trainer does); ``DMP fused`` is ``shard_model`` at world
-size 1 (table_wise, Adagrad fused into the FBGEMM backward, Adam on the dense part);
-``FEBC fused`` is the single-process path (``fuse_pooled_tables``:
-FusedEmbeddingBagCollection). samples/s over ``--timed-steps`` after 2 warm-up steps; each
-cell in its own process, whose peak RSS is shown too.
+Throughput (part b). One process, ``--threads`` torch threads (default 1: on this shared 2-core
+machine two threads stall each other at every parallel region whenever another process holds a
+core), same model and data in every column: ``plain`` is the model on ``torch.nn.EmbeddingBag``
+tables (written below) with dense Adam over everything (what a plain PyTorch trainer does: every
+row of every table is read and written each step); ``sparse`` is the same with sparse gradients
+and ``torch.optim.SparseAdam`` for the tables (the best a plain PyTorch trainer can do);
+``dmp`` is ``shard_model`` at world size 1 (table_wise, Adagrad fused into FBGEMM's backward);
+``febc`` is the single-process path (``fuse_pooled_tables``: FusedEmbeddingBagCollection). The
+dense part trains with Adam (``fused=True``) everywhere. samples/s = batch / median step time
+over ``--timed-steps`` after 3 warm-up steps (the median resists the other tenants' bursts);
+every cell runs in its own fresh process (its peak RSS is shown too); with ``--repeats`` the
+implementations alternate inside each repeat and the median over repeats is shown.
 
 ``--gpu`` (used by benchmarks/gpu_check.sh) trains on one CUDA device through ``shard_model``
-with a 1-process NCCL group: table_wise/row_wise x fused/fused_uvm_caching.
+with a 1-process NCCL group: table_wise/row_wise x fused/fused_uvm_caching (``--gpu-device cpu``:
+a dry run of that code on CPU with gloo, for the cells CPU can do).
 """
 
 from __future__ import annotations
@@ -114,9 +119,9 @@ def make_model(schema):
     return DCNv2(schema, ("click",), num_cross_layers=2, hidden=(256, 128))
 
 
-def plain_embeddings(schema):
-    """The model's lookups on plain ``torch.nn.EmbeddingBag`` tables (one per feature's table)."""
-    import torch
+def plain_embeddings(schema, sparse: bool = False):
+    """The model's lookups on plain ``torch.nn.EmbeddingBag`` tables (one per feature's table);
+    ``sparse``: sparse gradients (for ``torch.optim.SparseAdam``)."""
     from torch import nn
 
     from rec_dist.embedding.collection import EmbeddedFeatures
@@ -129,7 +134,7 @@ def plain_embeddings(schema):
             for f in schema.id_features:
                 table = schema.tables[f.table]
                 mode = f.pooling if f.kind == "multi_hot" else "sum"
-                bag = nn.EmbeddingBag(table.num_embeddings, table.embedding_dim, mode=mode)
+                bag = nn.EmbeddingBag(table.num_embeddings, table.embedding_dim, mode=mode, sparse=sparse)
                 nn.init.normal_(bag.weight, std=table.init_std)
                 self.bags[f.name] = bag
 
@@ -144,36 +149,10 @@ def plain_embeddings(schema):
     return PlainEmbeddings()
 
 
-def sharding_config(schema, sharding_type: str):
+def sharding_config(schema, sharding_type: str, width: int | None = None):
     from rec_dist.distributed.planner import ShardingConfig, TableSharding
 
-    return ShardingConfig(tables={name: TableSharding([sharding_type]) for name in schema.tables})
-
-
-class min_partition:
-    """Give every ParameterConstraints that ``shard_model`` builds this ``min_partition``
-    (column-wise block width); ``shard_model`` imports the class at call time."""
-
-    def __init__(self, width: int | None) -> None:
-        self.width = width
-
-    def __enter__(self):
-        import torchrec.distributed.planner as planner
-
-        self.original = original = planner.ParameterConstraints
-        width = self.width
-        if width is not None:
-            def patched(*args, **kwargs):
-                kwargs.setdefault("min_partition", width)
-                return original(*args, **kwargs)
-
-            planner.ParameterConstraints = patched
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import torchrec.distributed.planner as planner
-
-        planner.ParameterConstraints = self.original
+    return ShardingConfig(tables={name: TableSharding([sharding_type], None, width) for name in schema.tables})
 
 
 # ---- process helpers -------------------------------------------------------------------------------
@@ -267,9 +246,9 @@ def memory_worker(rank: int, world: int, port: int, out: str, big: dict, shardin
     torch.manual_seed(0)
     with embedding_device("meta"):
         model = make_model(schema)
-    with min_partition(width):
-        dmp, plan = shard_model(model, SparseOptimizer("adagrad", lr=0.05), sharding_config(schema, sharding_type),
-                                torch.device("cpu"), world, dist.group.WORLD)
+    config = sharding_config(schema, sharding_type, width)
+    dmp, plan = shard_model(model, SparseOptimizer("adagrad", lr=0.05), config, torch.device("cpu"), world,
+                            dist.group.WORLD)
     sharded = rss_mib()
     fused = fused_parameter_ids(dmp)
     dense = torch.optim.Adam([p for p in dmp.parameters() if id(p) not in fused], lr=1e-3)
@@ -295,13 +274,13 @@ def run_memory(args) -> dict:
     half = args.big_rows // 2
     variants = [("1 big", {"item": args.big_rows}), ("2 big", {"user": half, "item": args.big_rows - half})]
     shardings = [("table_wise", "table_wise", None), ("column_wise", "column_wise", None),
-                 ("column_wise/8", "column_wise", 8)]
+                 ("column_wise/16", "column_wise", 16)]
     idle = {w: spawn(idle_worker, w, args.memory_threads) for w in (1, 2)}
     idle_peak = max(r["peak"] for w in idle for r in idle[w])
     rows = []
     for variant, big in variants:
         for label, sharding_type, width in shardings:
-            if variant == "2 big" and label == "column_wise":
+            if variant == "2 big" and label == "column_wise/16":
                 continue  # same as for one big table: nothing split
             cells = {}
             for world in (1, 2):
@@ -332,9 +311,14 @@ def print_memory_row(row: dict, idle: float) -> None:
 
 
 # ---- part b: throughput -----------------------------------------------------------------------------
+WARMUP = 3
+
+
 def throughput_worker(rank: int, world: int, port: int, out: str, impl: str, rows: int, steps: int,
                       batch_size: int, zipf: float, threads: int) -> None:
     init_process(rank, world, port, threads)
+    import statistics
+
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -345,13 +329,17 @@ def throughput_worker(rank: int, world: int, port: int, out: str, impl: str, row
 
     big = {"item": rows}
     schema = make_schema(big)
-    batches = make_batches(schema, big, steps + 2, batch_size, zipf, seed=0)
+    batches = make_batches(schema, big, steps + WARMUP, batch_size, zipf, seed=0)
     torch.manual_seed(0)
     sparse = SparseOptimizer("adagrad", lr=0.05)
-    if impl == "plain":
+    optimizers = []
+    if impl in ("plain", "sparse"):
         with embedding_device("meta"):
             model = make_model(schema)
-        model.embeddings = plain_embeddings(schema)
+        model.embeddings = plain_embeddings(schema, sparse=impl == "sparse")
+        if impl == "sparse":
+            tables = list(model.embeddings.parameters())
+            optimizers.append(torch.optim.SparseAdam(tables, lr=1e-3))
     elif impl == "dmp":
         with embedding_device("meta"):
             model = make_model(schema)
@@ -360,49 +348,65 @@ def throughput_worker(rank: int, world: int, port: int, out: str, impl: str, row
     else:  # febc
         model = make_model(schema)
         fuse_pooled_tables(model, sparse)
-    fused = fused_parameter_ids(model)
-    dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in fused], lr=1e-3)
-    losses = []
-    for i, batch in enumerate(batches):
-        if i == 2:
-            start = time.perf_counter()
+    skip = fused_parameter_ids(model) | {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
+    optimizers.append(torch.optim.Adam([p for p in model.parameters() if id(p) not in skip], lr=1e-3, fused=True))
+    losses, times = [], []
+    for batch in batches:
+        start = time.perf_counter()
         loss = F.binary_cross_entropy_with_logits(model(batch)["click"], batch.labels["click"])
-        dense.zero_grad()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
         loss.backward()
-        dense.step()
+        for optimizer in optimizers:
+            optimizer.step()
         losses.append(loss.item())
-    seconds = time.perf_counter() - start
-    dump(out, {"samples_per_s": steps * batch_size / seconds, "ms_per_step": seconds / steps * 1000,
-               "peak": peak_rss_mib(), "losses": losses})
+        times.append(time.perf_counter() - start)
+    timed = times[WARMUP:]
+    dump(out, {"samples_per_s": batch_size / statistics.median(timed),
+               "samples_per_s_mean": batch_size * len(timed) / sum(timed),
+               "step_ms": [t * 1000 for t in times], "peak": peak_rss_mib(), "losses": losses})
     dist.destroy_process_group()
 
 
-IMPLS = {"plain": "plain EmbeddingBag + dense Adam", "dmp": "DMP world 1, fused Adagrad",
-         "febc": "FEBC, fused Adagrad"}
+IMPLS = {
+    "plain": "EmbeddingBag+dense Adam",
+    "sparse": "EmbeddingBag(sparse)+SparseAdam",
+    "dmp": "DMP w1 fused Adagrad",
+    "febc": "FEBC fused Adagrad",
+}
 
 
 def run_throughput(args) -> dict:
+    import statistics
+
+    width = 14
+    print(f"{'rows':>10} " + " ".join(f"{i:>{width}}" for i in args.impls)
+          + "  " + " ".join(f"{i + '/plain':>11}" for i in args.impls if i != "plain")
+          + "  peak RSS MiB " + "/".join(args.impls) + "   repeats (samples/s)")
     rows = []
-    print(f"{'rows':>10} " + " ".join(f"{IMPLS[i]:>31}" for i in args.impls)
-          + "  " + " ".join(f"{i + '/plain':>11}" for i in args.impls if i != "plain") + "   peak RSS MiB ("
-          + "/".join(args.impls) + ")")
     for n in args.rows:
-        cells = {impl: spawn(throughput_worker, 1, impl, n, args.timed_steps, args.batch_size, args.zipf,
-                             args.threads)[0] for impl in args.impls}
-        rows.append({"rows": n, **cells})
-        base = cells.get("plain")
-        ratios = [f"{cells[i]['samples_per_s'] / base['samples_per_s']:10.2f}x" if base else "          -"
+        repeats: dict[str, list[dict]] = {impl: [] for impl in args.impls}
+        for r in range(args.repeats):  # implementations alternate inside each repeat
+            for impl in args.impls if r % 2 == 0 else args.impls[::-1]:
+                repeats[impl].append(spawn(throughput_worker, 1, impl, n, args.timed_steps, args.batch_size,
+                                           args.zipf, args.threads)[0])
+        median = {i: statistics.median(c["samples_per_s"] for c in repeats[i]) for i in args.impls}
+        peak = {i: max(c["peak"] for c in repeats[i]) for i in args.impls}
+        rows.append({"rows": n, "median_samples_per_s": median, "peak_rss_mib": peak, "repeats": repeats})
+        ratios = [f"{median[i] / median['plain']:10.1f}x" if "plain" in median else "          -"
                   for i in args.impls if i != "plain"]
-        print(f"{n:>10,} " + " ".join(f"{cells[i]['samples_per_s']:>20,.0f} samples/s" for i in args.impls)
-              + "  " + " ".join(ratios) + "   " + "/".join(f"{cells[i]['peak']:.0f}" for i in args.impls))
+        every = "; ".join(f"{i} " + ",".join(f"{c['samples_per_s']:.0f}" for c in repeats[i]) for i in args.impls)
+        print(f"{n:>10,} " + " ".join(f"{median[i]:>{width},.0f}" for i in args.impls) + "  " + " ".join(ratios)
+              + "  " + "/".join(f"{peak[i]:.0f}" for i in args.impls) + "   " + every)
         sys.stdout.flush()
     return {"rows": rows}
 
 
 # ---- GPU (benchmarks/gpu_check.sh) ------------------------------------------------------------------
-def gpu_worker(rank: int, world: int, port: int, out: str, rows: int, steps: int, batch_size: int,
-               zipf: float, cells: list) -> None:
-    init_process(rank, world, port, 4, backend="nccl")
+def gpu_worker(rank: int, world: int, port: int, out: str, device_type: str, sharding_type: str, kernel: str,
+               rows: int, steps: int, batch_size: int, zipf: float) -> None:
+    """One cell: ``shard_model`` on one device with a 1-process group (NCCL on cuda; gloo for a CPU dry run)."""
+    init_process(rank, world, port, 4, backend="nccl" if device_type == "cuda" else "gloo")
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -412,40 +416,58 @@ def gpu_worker(rank: int, world: int, port: int, out: str, rows: int, steps: int
     from rec_dist.embedding.collection import embedding_device
     from rec_dist.embedding.fused import SparseOptimizer, fused_parameter_ids
 
-    device = torch.device("cuda", 0)
-    torch.cuda.set_device(device)
+    cuda = device_type == "cuda"
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     big = {"item": rows}
     schema = make_schema(big)
-    batches = [b.to(device) for b in make_batches(schema, big, steps + 5, batch_size, zipf, seed=0)]
-    results = []
-    for sharding_type, kernel in cells:
-        torch.manual_seed(0)
-        with embedding_device("meta"):
-            model = make_model(schema)
-        config = ShardingConfig(tables={"item": TableSharding([sharding_type], [kernel])})
-        dmp, plan = shard_model(model, SparseOptimizer("adagrad", lr=0.05), config, device, 1, dist.group.WORLD)
-        fused = fused_parameter_ids(dmp)
-        dense = torch.optim.Adam([p for p in dmp.parameters() if id(p) not in fused], lr=1e-3)
-        for i, batch in enumerate(batches):
-            if i == 5:
+    batches = [b.to(device) for b in make_batches(schema, big, steps + WARMUP, batch_size, zipf, seed=0)]
+    torch.manual_seed(0)
+    with embedding_device("meta"):
+        model = make_model(schema)
+    config = ShardingConfig(tables={"item": TableSharding([sharding_type], [kernel])})
+    dmp, plan = shard_model(model, SparseOptimizer("adagrad", lr=0.05), config, device, 1, dist.group.WORLD)
+    fused = fused_parameter_ids(dmp)
+    dense = torch.optim.Adam([p for p in dmp.parameters() if id(p) not in fused], lr=1e-3)
+    losses = []
+    for i, batch in enumerate(batches):
+        if i == WARMUP:
+            if cuda:
                 torch.cuda.synchronize()
-                start = time.perf_counter()
-            loss = F.binary_cross_entropy_with_logits(dmp(batch)["click"], batch.labels["click"])
-            dense.zero_grad()
-            loss.backward()
-            dense.step()
-        last = loss.item()  # synchronises
-        seconds = time.perf_counter() - start
-        results.append({"sharding": sharding_type, "kernel": kernel, "rows": rows, "batch_size": batch_size,
-                        "samples_per_s": steps * batch_size / seconds, "last_loss": last, "plan": plan,
-                        "max_gpu_mem_mib": torch.cuda.max_memory_allocated() / 2**20})
-        print(f"{sharding_type:>12} / {kernel:<18} {results[-1]['samples_per_s']:>14,.0f} samples/s  "
-              f"(loss {last:.4f})", flush=True)
-        del dmp, dense, model
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    dump(out, {"gpu": torch.cuda.get_device_name(device), "cells": results})
+            start = time.perf_counter()
+        loss = F.binary_cross_entropy_with_logits(dmp(batch)["click"], batch.labels["click"])
+        dense.zero_grad()
+        loss.backward()
+        dense.step()
+        losses.append(loss.detach())
+    losses = [x.item() for x in losses]  # synchronises
+    seconds = time.perf_counter() - start
+    dump(out, {"sharding": sharding_type, "kernel": kernel, "rows": rows, "batch_size": batch_size,
+               "steps": steps, "samples_per_s": steps * batch_size / seconds, "losses": losses, "plan": plan,
+               "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+               "max_gpu_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None})
     dist.destroy_process_group()
+
+
+def run_gpu(args) -> list[dict]:
+    rows = args.rows[-1]
+    print(f"GPU check on {args.gpu_device}: DCN-V2, item table {rows:,} x {DIM} (Zipf {args.zipf}) + small tables, "
+          f"batch {args.batch_size}, {args.timed_steps} timed steps after {WARMUP} warm-up, 1-process group")
+    results = []
+    for cell in args.gpu_cells:
+        sharding_type, kernel = cell.split(":")
+        try:  # one process per cell: a kernel that fails does not take the others down
+            result = spawn(gpu_worker, 1, args.gpu_device, sharding_type, kernel, rows, args.timed_steps,
+                           args.batch_size, args.zipf)[0]
+            print(f"{sharding_type:>12} / {kernel:<18} {result['samples_per_s']:>14,.0f} samples/s   losses "
+                  f"{result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}   plan: {result['plan'].splitlines()[0]}",
+                  flush=True)
+        except RuntimeError as err:
+            result = {"sharding": sharding_type, "kernel": kernel, "error": str(err)}
+            print(f"{sharding_type:>12} / {kernel:<18} FAILED ({err}; traceback above)", flush=True)
+        results.append(result)
+    return results
 
 
 # ---- main ----------------------------------------------------------------------------------------------
@@ -457,24 +479,25 @@ def main() -> None:
     parser.add_argument("--memory-threads", type=int, default=1, help="torch threads per rank (memory part)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 5_000_000, 20_000_000],
                         help="throughput: rows of the big table")
-    parser.add_argument("--impls", nargs="+", choices=list(IMPLS), default=["plain", "dmp", "febc"])
-    parser.add_argument("--timed-steps", type=int, default=10)
+    parser.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
+    parser.add_argument("--timed-steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1, help="throughput: repeats (fresh processes) per cell")
     parser.add_argument("--batch-size", type=int, default=4096, help="global batch size")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (throughput part)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (throughput part); 1: on a shared 2-core box 2 threads stall each other")
     parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the ids")
     parser.add_argument("--json", help="write every number of the run here")
     parser.add_argument("--gpu", action="store_true", help="the GPU check (benchmarks/gpu_check.sh) instead")
     parser.add_argument("--gpu-cells", nargs="+", default=["table_wise:fused", "table_wise:fused_uvm_caching",
-                                                           "row_wise:fused", "row_wise:fused_uvm_caching"])
+                                                           "row_wise:fused", "row_wise:fused_uvm_caching"],
+                        help="GPU check: sharding_type:compute_kernel of the big table, one process each")
+    parser.add_argument("--gpu-device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: dry-run the GPU check's code on CPU (gloo; use --gpu-cells table_wise:fused)")
     args = parser.parse_args()
 
     out: dict = {"args": vars(args)}
     if args.gpu:
-        cells = [c.split(":") for c in args.gpu_cells]
-        rows = args.rows[-1]
-        print(f"GPU: DCN-V2, item table {rows:,} x {DIM} (Zipf {args.zipf}), batch {args.batch_size}, "
-              f"{args.timed_steps} timed steps, 1-process NCCL group")
-        out["gpu"] = spawn(gpu_worker, 1, rows, args.timed_steps, args.batch_size, args.zipf, cells)[0]
+        out["gpu"] = run_gpu(args)
     if not args.gpu and args.part in ("memory", "all"):
         print(f"(a) peak RSS per rank, MiB (ru_maxrss); {args.memory_steps} training steps, global batch "
               f"{args.batch_size}, {args.memory_threads} thread(s) per rank; tables built on meta; "
@@ -487,8 +510,9 @@ def main() -> None:
               f"subtract {out['memory']['idle_peak_mib']:.0f})")
         print("ratio = max rank at world 2 / world 1 (target <= 0.6)\n")
     if not args.gpu and args.part in ("throughput", "all"):
-        print(f"(b) training samples/s, one process, {args.threads} threads, batch {args.batch_size}, "
-              f"{args.timed_steps} timed steps after 2 warm-up, Zipf {args.zipf} ids")
+        print(f"(b) training samples/s (batch / median step time), one process, {args.threads} threads, batch "
+              f"{args.batch_size}, {args.timed_steps} timed steps after {WARMUP} warm-up, Zipf {args.zipf} ids, "
+              f"median of {args.repeats} repeat(s)")
         out["throughput"] = run_throughput(args)
     if args.json:
         with open(args.json, "w") as fh:
