@@ -90,3 +90,21 @@ def test_ten_million_row_table_trains_on_cpu_touching_only_seen_rows():
     after = model.pooled.state_dict()["embedding_bags.user.weight"]
     assert (after[seen] - before_seen).abs().sum(1).min() > 0  # every seen row moved
     torch.testing.assert_close(after[probe], before_probe)  # the rest did not
+
+
+def test_per_table_optimizer_groups_are_checked(schema):
+    from rec_dist.embedding.fused import optimizer_per_table
+
+    tables = ["user", "genre", "item"]
+    chosen = optimizer_per_table([SparseOptimizer("sgd", tables=["user"]), SparseOptimizer("adagrad")], tables)
+    assert {t: g.name for t, g in chosen.items()} == {"user": "sgd", "genre": "adagrad", "item": "adagrad"}
+    assert set(optimizer_per_table([SparseOptimizer("sgd", tables=["user"])], tables)) == {"user"}
+    with pytest.raises(ValueError, match="unknown table 'users'"):
+        optimizer_per_table(SparseOptimizer(tables=["users"]), tables)
+    with pytest.raises(ValueError, match="table 'user' is named by two entries"):
+        optimizer_per_table([SparseOptimizer(tables=["user"]), SparseOptimizer("sgd", tables=["user"])], tables)
+    with pytest.raises(ValueError, match="at most one entry may leave out `tables`"):
+        optimizer_per_table([SparseOptimizer(), SparseOptimizer("sgd")], tables)
+    # Single process: one fused collection holds user and genre, so they need one optimizer.
+    with pytest.raises(ValueError, match="share one collection but ask for different sparse optimizers"):
+        fuse_pooled_tables(FeatureEmbeddings(schema), [SparseOptimizer("sgd", tables=["user"]), SparseOptimizer()])

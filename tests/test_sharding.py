@@ -53,16 +53,19 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     schema = Schema.from_dict(SMALL_SCHEMA)
     results = {}
-    for sharding_type in SHARDING_TYPES:
+    for sharding_type in [*SHARDING_TYPES, "per_table_optimizers"]:
         kernel = ["dense"] if sharding_type == "data_parallel" else None
+        sparse = SparseOptimizer("adagrad", lr=LR)
+        if sharding_type == "per_table_optimizers":  # the user table by SGD, the rest by Adagrad
+            sharding_type = "table_wise"
+            sparse = [SparseOptimizer("sgd", lr=LR, tables=["user"]), SparseOptimizer("adagrad", lr=LR)]
         # The item table is read by a sequence: on CPU only table_wise / column_wise exist for it.
         item_type = sharding_type if sharding_type in ("table_wise", "column_wise") else "table_wise"
         config = ShardingConfig(tables={
             "user": TableSharding([sharding_type], kernel), "genre": TableSharding([sharding_type], kernel),
             "item": TableSharding([item_type]),
         })
-        dmp, plan = shard_model(_model(schema), SparseOptimizer("adagrad", lr=LR), config, torch.device("cpu"),
-                                world, dist.group.WORLD)
+        dmp, plan = shard_model(_model(schema), sparse, config, torch.device("cpu"), world, dist.group.WORLD)
         fused = fused_parameter_ids(dmp)
         dense = torch.optim.Adam([p for p in dmp.parameters() if id(p) not in fused], lr=LR)
         losses, logits0 = [], None
@@ -81,7 +84,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             losses.append(total.item() / world)
             if step == 0:
                 logits0 = torch.cat(gathered).tolist()
-        results[sharding_type] = {"losses": losses, "logits0": logits0, "plan": plan}
+        results["per_table_optimizers" if isinstance(sparse, list) else sharding_type] = {
+            "losses": losses, "logits0": logits0, "plan": plan}
         if sharding_type in ("column_wise", "table_column_wise"):  # the user table really is split
             user_line = next(line for line in plan.splitlines() if ".pooled.user:" in line)
             assert sharding_type in user_line and "on ranks [0, 1]" in user_line
@@ -106,15 +110,21 @@ def sharded_runs(tmp_path_factory) -> dict:
         return json.load(fh)
 
 
-def reference_run(dense_tables: tuple[str, ...] = ()) -> dict:
+def reference_run(dense_tables: tuple[str, ...] = (), sgd_tables: tuple[str, ...] = (), world: int = 2) -> dict:
     """The unsharded model on full global batches; tables by torch's Adagrad, the rest (and
-    ``dense_tables``, which data_parallel replicates and the dense optimizer trains) by Adam."""
+    ``dense_tables``, which data_parallel replicates and the dense optimizer trains) by Adam.
+    ``sgd_tables`` train by SGD at ``world`` x the lr: sharded embedding gradients are summed
+    over ranks, not averaged (TorchRec's convention)."""
     schema = Schema.from_dict(SMALL_SCHEMA)
     model = _model(schema)
+    named = lambda names: [p for n, p in model.named_parameters()  # noqa: E731
+                           if "embedding" in n and any(f".{t}.weight" in n for t in names)]
     tables = [p for n, p in model.named_parameters()
-              if "embedding" in n and not any(f".{t}.weight" in n for t in dense_tables)]
-    ids = {id(p) for p in tables}
+              if "embedding" in n and not any(f".{t}.weight" in n for t in (*dense_tables, *sgd_tables))]
+    sgd = named(sgd_tables)
+    ids = {id(p) for p in tables + sgd}
     sparse = torch.optim.Adagrad(tables, lr=LR, eps=1e-8)
+    sgd_optimizer = torch.optim.SGD(sgd, lr=LR * world) if sgd else None
     dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in ids], lr=LR)
     losses, logits0 = [], None
     for step, chunk in enumerate(_global_batches(schema)):
@@ -126,6 +136,9 @@ def reference_run(dense_tables: tuple[str, ...] = ()) -> dict:
         loss.backward()
         sparse.step()
         dense.step()
+        if sgd_optimizer is not None:
+            sgd_optimizer.step()
+            sgd_optimizer.zero_grad()
         losses.append(loss.item())
         if step == 0:
             logits0 = logits.detach().tolist()
@@ -141,6 +154,14 @@ def test_sharded_training_equals_unsharded(sharded_runs, sharding_type):
                                atol=1e-6)
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=1e-4, atol=1e-5)
     assert reference["losses"][-1] < reference["losses"][0]  # it trains
+
+
+def test_per_table_sparse_optimizers(sharded_runs):
+    run = sharded_runs["per_table_optimizers"]
+    reference = reference_run(sgd_tables=("user",))
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=1e-4, atol=1e-5)
+    adagrad_everywhere = reference_run()
+    assert run["losses"][-1] != pytest.approx(adagrad_everywhere["losses"][-1], rel=1e-4)  # the choice matters
 
 
 def test_row_wise_on_cpu_is_a_clear_error():

@@ -168,26 +168,32 @@ def shard_model(model: nn.Module, sparse_optimizer, sharding: ShardingConfig, de
     from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-    from rec_dist.embedding.fused import SPARSE_OPTIMIZERS
+    from rec_dist.embedding.fused import CUDA_ONLY, SPARSE_OPTIMIZERS, optimizer_per_table
 
     tables = embedding_tables(model)
     constraints = table_constraints(tables, sharding, device, world_size)
     fused_tables = {name for name, (_, kernels, _) in constraints.items() if kernels != ["dense"]}
-    if fused_tables and sparse_optimizer is None:
+    per_table = optimizer_per_table(sparse_optimizer, list(tables))
+    if device.type != "cuda" and any(per_table[t].name in CUDA_ONLY for t in fused_tables & set(per_table)):
+        raise ValueError(f"sparse optimizers {sorted(CUDA_ONLY)} have no CPU kernel in FBGEMM 1.8; use adagrad or sgd")
+    missing = sorted(fused_tables - set(per_table))
+    if missing:
         raise ValueError(
-            f"strategy torchrec: tables {sorted(fused_tables)} use a fused kernel, which needs "
+            f"strategy torchrec: tables {missing} use a fused kernel, which needs an optimizer in "
             "model.init_args.sparse_optimizer (e.g. {name: adagrad, lr: 0.05})"
         )
     full_state = {k: v.detach() for k, v in model.state_dict().items()}  # references, no copy
     for child in model.modules():
-        if isinstance(child, EmbeddingBagCollection | EmbeddingCollection):
-            configs = child.embedding_bag_configs() if isinstance(child, EmbeddingBagCollection) else (
-                child.embedding_configs()
-            )
-            if {c.name for c in configs} <= fused_tables:
-                apply_optimizer_in_backward(
-                    SPARSE_OPTIMIZERS[sparse_optimizer.name], child.parameters(), sparse_optimizer.kwargs()
-                )
+        if isinstance(child, EmbeddingBagCollection):
+            weights = {c.name: child.embedding_bags[c.name].weight for c in child.embedding_bag_configs()}
+        elif isinstance(child, EmbeddingCollection):
+            weights = {c.name: child.embeddings[c.name].weight for c in child.embedding_configs()}
+        else:
+            continue
+        for table, weight in weights.items():  # each table gets its own optimizer in the backward
+            if table in fused_tables:
+                group = per_table[table]
+                apply_optimizer_in_backward(SPARSE_OPTIMIZERS[group.name], [weight], group.kwargs())
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world_size, compute_device=device.type),
         constraints={

@@ -39,27 +39,63 @@ CUDA_ONLY = {"row_wise_adagrad"}
 class SparseOptimizer:
     """The optimizer fused into the pooled embedding tables' backward.
 
+    A task takes one (for every table) or a list of them, each naming its
+    ``tables`` (one entry may leave ``tables`` out: it covers the rest).
+
     Args:
         name: adagrad or sgd (FBGEMM's CPU kernels), or row_wise_adagrad (one
             accumulator per row; its FBGEMM 1.8 kernel is CUDA-only).
         lr: learning rate.
         eps: Adagrad epsilon.
+        tables: the embedding tables this optimizer trains (None: all the others).
     """
 
     name: str = "adagrad"
     lr: float = 0.05
     eps: float = 1e-8
+    tables: list[str] | None = None
 
     def kwargs(self) -> dict:
         return {"lr": self.lr} if self.name == "sgd" else {"lr": self.lr, "eps": self.eps}
 
 
-def fuse_pooled_tables(model: nn.Module, optimizer: SparseOptimizer) -> int:
-    """Replace each EmbeddingBagCollection in ``model`` by a fused twin; returns how many were replaced."""
-    if optimizer.name not in SPARSE_OPTIMIZERS:
-        raise ValueError(
-            f"sparse_optimizer.name must be one of {sorted(SPARSE_OPTIMIZERS)}, got {optimizer.name!r}"
-        )
+SparseOptimizers = SparseOptimizer | list[SparseOptimizer]
+
+
+def optimizer_per_table(groups: SparseOptimizers | None, tables: list[str]) -> dict[str, SparseOptimizer]:
+    """``{table: its SparseOptimizer}`` for the tables some group covers; clear errors for bad groups."""
+    groups = [] if groups is None else [groups] if isinstance(groups, SparseOptimizer) else list(groups)
+    for group in groups:
+        if group.name not in SPARSE_OPTIMIZERS:
+            raise ValueError(
+                f"sparse_optimizer.name must be one of {sorted(SPARSE_OPTIMIZERS)}, got {group.name!r}"
+            )
+    defaults = [g for g in groups if g.tables is None]
+    if len(defaults) > 1:
+        raise ValueError("sparse_optimizer: at most one entry may leave out `tables` (the default for the rest)")
+    chosen: dict[str, SparseOptimizer] = {}
+    for group in groups:
+        for table in group.tables or []:
+            if table not in tables:
+                raise ValueError(f"sparse_optimizer names unknown table {table!r}; tables: {sorted(tables)}")
+            if table in chosen:
+                raise ValueError(f"sparse_optimizer: table {table!r} is named by two entries")
+            chosen[table] = group
+    for table in tables:
+        if table not in chosen and defaults:
+            chosen[table] = defaults[0]
+    return chosen
+
+
+def fuse_pooled_tables(model: nn.Module, optimizer: SparseOptimizers) -> int:
+    """Replace each EmbeddingBagCollection in ``model`` by a fused twin; returns how many were replaced.
+
+    A single-process fused collection runs one optimizer: tables of one collection that
+    different entries of ``optimizer`` name raise an error (the torchrec strategy, at any
+    world size including 1, takes per-table optimizers)."""
+    from rec_dist.distributed.planner import embedding_tables
+
+    per_table = optimizer_per_table(optimizer, list(embedding_tables(model)))
     targets = [
         (name, child)
         for name, child in model.named_modules()
@@ -67,7 +103,18 @@ def fuse_pooled_tables(model: nn.Module, optimizer: SparseOptimizer) -> int:
         and not isinstance(child, FusedEmbeddingBagCollection)
         and all(c.embedding_dim % 4 == 0 for c in child.embedding_bag_configs())  # FBGEMM's kernels need this
     ]
+    replaced = 0
     for name, ebc in targets:
+        groups = {id(per_table.get(c.name)): per_table.get(c.name) for c in ebc.embedding_bag_configs()}
+        if len(groups) > 1:
+            raise ValueError(
+                f"tables {[c.name for c in ebc.embedding_bag_configs()]} share one collection but ask for different "
+                "sparse optimizers; single-process fused tables take one: use --trainer.strategy torchrec "
+                "(also with one device) for per-table optimizers"
+            )
+        optimizer = next(iter(groups.values()))
+        if optimizer is None:
+            continue  # no entry covers these tables: the dense optimizer trains them
         weights = {key: value.detach() for key, value in ebc.state_dict().items()}  # references, no copy
         device = next(iter(weights.values())).device if weights else torch.device("cpu")
         if optimizer.name in CUDA_ONLY and device.type != "cuda":
@@ -84,7 +131,8 @@ def fuse_pooled_tables(model: nn.Module, optimizer: SparseOptimizer) -> int:
         fused.load_state_dict(weights)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, fused)
-    return len(targets)
+        replaced += 1
+    return replaced
 
 
 def fused_parameter_ids(model: nn.Module) -> set[int]:

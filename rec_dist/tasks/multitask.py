@@ -57,7 +57,7 @@ from torchmetrics import MeanMetric
 
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
-from rec_dist.embedding.fused import SparseOptimizer
+from rec_dist.embedding.fused import SparseOptimizers
 from rec_dist.losses.balancing import Balancer, StaticWeights
 from rec_dist.tasks.group_metrics import GroupRule, RegressionMetrics, SubsetMetrics, UserGroups
 from rec_dist.tasks.ranking import (
@@ -159,7 +159,7 @@ class MultiTaskTask(pl.LightningModule):
         gauc_feature: str | None = None,
         optimizer: OptimizerFactory = torch.optim.Adam,
         lr_scheduler: SchedulerFactory | None = None,
-        sparse_optimizer: SparseOptimizer | None = None,
+        sparse_optimizer: SparseOptimizers | None = None,
         meta_embeddings: bool = False,
     ) -> None:
         super().__init__()

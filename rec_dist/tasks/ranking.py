@@ -15,7 +15,7 @@ from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.collection import embedding_device
 from rec_dist.embedding.fused import (
-    SparseOptimizer,
+    SparseOptimizers,
     combine_with_dense,
     fuse_pooled_tables,
     fused_optimizers,
@@ -38,7 +38,7 @@ def attach_model(
     tasks: Sequence[str],
     optimizer: OptimizerFactory,
     lr_scheduler: SchedulerFactory | None,
-    sparse_optimizer: SparseOptimizer | None,
+    sparse_optimizer: SparseOptimizers | None,
     meta_embeddings: bool,
 ) -> None:
     """Build ``task.model`` as ``model(schema, tasks)`` and set what ``RankingTask.configure_model``
@@ -125,7 +125,7 @@ class RankingTask(pl.LightningModule):
         group_feature: str | None = "user_id",
         optimizer: OptimizerFactory = torch.optim.Adam,
         lr_scheduler: SchedulerFactory | None = None,
-        sparse_optimizer: SparseOptimizer | None = None,
+        sparse_optimizer: SparseOptimizers | None = None,
         meta_embeddings: bool = False,
     ) -> None:
         super().__init__()
