@@ -2,7 +2,7 @@
 
     rec-dist fit|validate|test|predict --config CONFIG.yaml   (Lightning CLI)
     rec-dist data prepare movielens-100k [--data_dir D] [--source_dir S]
-    rec-dist data synth OUT_DIR [--config.num_rows N ...]
+    rec-dist data synth OUT_DIR [--settings.num_rows N ...]
     rec-dist export --config CONFIG.yaml --ckpt_path CKPT [--output model.pt]
 """
 

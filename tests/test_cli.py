@@ -210,6 +210,15 @@ def test_print_config_resolves_defaults(tmp_path, synth_dir, capsys):
     assert deepfm["init_args"]["hidden"] == [32, 16] and "first_order" in deepfm["init_args"]
 
 
+def test_data_synth_takes_its_settings(tmp_path):
+    main(["data", "synth", str(tmp_path / "s"), "--settings.num_rows", "3000", "--settings.seq_len", "7",
+          "--settings.seed", "3"])
+    rows = sum(pq.read_metadata(tmp_path / "s" / f"{split}.parquet").num_rows for split in ("train", "val", "test"))
+    assert rows == 3000
+    hist = pq.read_table(tmp_path / "s" / "train.parquet", columns=["hist_item_id"]).column(0).to_pylist()
+    assert max(len(h) for h in hist) <= 7
+
+
 def test_data_prepare_rejects_unknown_dataset(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["data", "prepare", "movielens-1b"])

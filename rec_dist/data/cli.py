@@ -34,17 +34,18 @@ def prepare(dataset: str, data_dir: str = "data", source_dir: str | None = None,
     print(f"prepared {dataset} in {out}")
 
 
-def synth(out_dir: str, config: SynthConfig | None = None, force: bool = False) -> None:
+def synth(out_dir: str, settings: SynthConfig | None = None, force: bool = False) -> None:
     """Generate a synthetic log with planted signal into ``out_dir`` (parquet + schema.yaml).
 
     Args:
         out_dir: output directory.
-        config: generator settings (rows, users, items, sequence length, seed ...).
+        settings: generator settings (rows, users, items, sequence length, seed ...); not named
+            ``config``, which jsonargparse reserves for config files.
         force: overwrite an existing output.
     """
     from rec_dist.data.synth import synthesize
 
-    out = synthesize(Path(out_dir), config or SynthConfig(), force=force)
+    out = synthesize(Path(out_dir), settings or SynthConfig(), force=force)
     print(f"wrote synthetic data to {out}")
 
 
