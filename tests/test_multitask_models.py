@@ -247,11 +247,16 @@ def test_poso_modes_per_model():
 CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "multitask").glob("*.yaml"))
 
 
-def movielens_mt_schema() -> Schema:
-    raw = yaml.safe_load((Path(__file__).parent.parent / "data" / "movielens-100k" / "schema.yaml").read_text())
-    raw["features"]["user_group"] = {"kind": "sparse", "table": "age"}  # stands in for the data's user group
-    raw["labels"] = {"click": {"kind": "binary"}, "like": {"kind": "binary"}}
-    return Schema.from_dict(raw)
+@pytest.fixture(scope="module")
+def movielens_mt_schema(tmp_path_factory) -> Schema:
+    """The schema `rec-dist data prepare movielens-100k-mt` writes, built from the tiny fake
+    GroupLens source of test_movielens (so this needs neither the network nor `make train`)."""
+    from rec_dist.data.movielens_multitask import prepare_movielens_100k_multitask
+    from tests.test_movielens import write_grouplens
+
+    root = tmp_path_factory.mktemp("mt")
+    out = prepare_movielens_100k_multitask(root / "data", source_dir=write_grouplens(root / "src"))
+    return Schema.load(out / "schema.yaml")
 
 
 def test_every_architecture_has_a_config():
@@ -259,7 +264,7 @@ def test_every_architecture_has_a_config():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_configs_build_their_model(path):
+def test_configs_build_their_model(path, movielens_mt_schema):
     """The model section of each config builds with jsonargparse (as the task builds it), knobs off and on."""
     from jsonargparse import ArgumentParser
 
@@ -272,7 +277,7 @@ def test_configs_build_their_model(path):
     model_cfg = init["model"]
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--model", type=Callable[[Schema, Sequence[str]], nn.Module])
-    schema = movielens_mt_schema()
+    schema = movielens_mt_schema
     switches = [{}, {"lhuc": True}, {"pepnet": True}]
     switches.append({"poso": "mmoe" if model_cfg["class_path"].endswith(("MMoE", "PLE")) else "mlp"})
     for switch in switches:
