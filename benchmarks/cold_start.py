@@ -24,12 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tracked_fit import ROOT, tracked_fit  # benchmarks/ is on sys.path when a script runs
+
 EXPERIMENT = "bench-cold-start"
 DATA = ROOT / "data" / "synth-cold-start"
 SYNTH = {
@@ -57,17 +55,6 @@ VARIANTS = {
     "poso-ua": {"poso": "{poso}", "poso_features": "[user_group, user_activity]"},
 }
 POSO_MODE = {"mmoe": "mmoe", "ple": "mmoe", "shared_bottom": "mlp"}  # base config -> poso mode
-
-
-def find_run(mlflow, run_name: str):
-    runs = mlflow.search_runs(
-        experiment_names=[EXPERIMENT],
-        filter_string=f"tags.mlflow.runName = '{run_name}' and attributes.status = 'FINISHED'",
-        order_by=["start_time DESC"],
-        max_results=1,
-        output_format="list",
-    )
-    return runs[0] if runs else None
 
 
 def ensure_data() -> None:
@@ -123,38 +110,15 @@ def main() -> None:
             knobs = []
             for key, value in VARIANTS[variant].items():
                 knobs += [M + key, value.format(poso=POSO_MODE[args.base])]
-            run = find_run(mlflow, run_name) if args.reuse else None
-            if run is None:
-                print(f"fitting {run_name} ...", file=sys.stderr, flush=True)
-                subprocess.run(
-                    [
-                        str(ROOT / ".venv" / "bin" / "rec-dist"),
-                        "fit",
-                        "--config",
-                        f"configs/multitask/{args.base}.yaml",
-                        "--data.init_args.schema_path",
-                        str(DATA / "schema.yaml"),
-                        "--data.init_args.batch_size",
-                        str(args.batch_size),
-                        "--trainer.max_epochs",
-                        str(args.epochs),
-                        "--seed_everything",
-                        str(seed),
-                        "--trainer.enable_progress_bar",
-                        "false",
-                        "--trainer.logger.init_args.experiment_name",
-                        EXPERIMENT,
-                        "--trainer.logger.init_args.run_name",
-                        run_name,
-                        "--trainer.logger.init_args.tracking_uri",
-                        args.tracking_uri,
-                        *knobs,
-                    ],  # fmt: skip
-                    check=True,
-                    cwd=ROOT,
-                    stdout=subprocess.DEVNULL,
-                )
-                run = find_run(mlflow, run_name)
+            fit_args = [
+                "--config", f"configs/multitask/{args.base}.yaml",
+                "--data.init_args.schema_path", str(DATA / "schema.yaml"),
+                "--data.init_args.batch_size", str(args.batch_size),
+                "--trainer.max_epochs", str(args.epochs),
+                "--seed_everything", str(seed),
+                *knobs,
+            ]  # fmt: skip
+            run = tracked_fit(fit_args, EXPERIMENT, run_name, args.tracking_uri, reuse=args.reuse)
             results.append(run.data.metrics)
         rows.append((variant, results))
     minutes = (time.perf_counter() - start) / 60

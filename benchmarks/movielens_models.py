@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tracked_fit import ROOT, tracked_fit  # benchmarks/ is on sys.path when a script runs
+
 EXPERIMENT = "bench-movielens"
 
 
@@ -26,34 +24,13 @@ def main() -> None:
     parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlruns.db'}")
     args = parser.parse_args()
 
-    import mlflow
-
     rows = []
     for model in args.models:
         results = []
         for seed in args.seeds:
             run_name = f"{model}-seed{seed}"
-            print(f"fitting {run_name} ...", file=sys.stderr, flush=True)
-            subprocess.run(
-                [
-                    str(ROOT / ".venv" / "bin" / "rec-dist"), "fit", "--config", f"configs/movielens/{model}.yaml",
-                    "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false",
-                    "--trainer.logger.init_args.experiment_name", EXPERIMENT,
-                    "--trainer.logger.init_args.run_name", run_name,
-                    "--trainer.logger.init_args.tracking_uri", args.tracking_uri,
-                ],  # fmt: skip
-                check=True,
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-            )
-            mlflow.set_tracking_uri(args.tracking_uri)
-            run = mlflow.search_runs(
-                experiment_names=[EXPERIMENT],
-                filter_string=f"tags.mlflow.runName = '{run_name}'",
-                order_by=["start_time DESC"],
-                max_results=1,
-                output_format="list",
-            )[0]
+            fit_args = ["--config", f"configs/movielens/{model}.yaml", "--seed_everything", str(seed)]
+            run = tracked_fit(fit_args, EXPERIMENT, run_name, args.tracking_uri)
             results.append(run.data.metrics)
         rows.append((model, results))
 

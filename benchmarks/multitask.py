@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tracked_fit import ROOT, tracked_fit  # benchmarks/ is on sys.path when a script runs
+
 EXPERIMENT = "bench-multitask"
 BALANCERS = {
     "static": "rec_dist.losses.StaticWeights",
@@ -34,17 +33,6 @@ BALANCERS = {
     "pcgrad": "rec_dist.losses.PCGrad",
 }
 MODELS = ("shared_bottom", "mmoe", "ple", "esmm")
-
-
-def find_run(mlflow, run_name: str):
-    runs = mlflow.search_runs(
-        experiment_names=[EXPERIMENT],
-        filter_string=f"tags.mlflow.runName = '{run_name}' and attributes.status = 'FINISHED'",
-        order_by=["start_time DESC"],
-        max_results=1,
-        output_format="list",
-    )
-    return runs[0] if runs else None
 
 
 def esmm_cvr_auc(overrides: list[str], run) -> float:
@@ -108,28 +96,7 @@ def main() -> None:
                     "--trainer.max_epochs", str(args.epochs),
                     "--seed_everything", str(seed),
                 ]  # fmt: skip
-                run = find_run(mlflow, run_name) if args.reuse else None
-                if run is None:
-                    print(f"fitting {run_name} ...", file=sys.stderr, flush=True)
-                    subprocess.run(
-                        [
-                            str(ROOT / ".venv" / "bin" / "rec-dist"),
-                            "fit",
-                            *overrides,
-                            "--trainer.enable_progress_bar",
-                            "false",
-                            "--trainer.logger.init_args.experiment_name",
-                            EXPERIMENT,
-                            "--trainer.logger.init_args.run_name",
-                            run_name,
-                            "--trainer.logger.init_args.tracking_uri",
-                            args.tracking_uri,
-                        ],  # fmt: skip
-                        check=True,
-                        cwd=ROOT,
-                        stdout=subprocess.DEVNULL,
-                    )
-                    run = find_run(mlflow, run_name)
+                run = tracked_fit(overrides, EXPERIMENT, run_name, args.tracking_uri, reuse=args.reuse)
                 metrics = dict(run.data.metrics)
                 if model == "esmm":
                     metrics["test/cvr/auc"] = esmm_cvr_auc(overrides, run)
