@@ -34,6 +34,7 @@ def quiet_startup() -> None:
     warnings.filterwarnings("ignore", message=".*HeuristicalStorageReservation is known to cause issues.*")
     warnings.filterwarnings("ignore", message=".*Please use DTensor instead and we are deprecating ShardedTensor.*")
     warnings.filterwarnings("ignore", message=".*The dirpath has changed from.*")
+    warnings.filterwarnings("ignore", message=".*Detected an existing checkpoint in.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     logging.getLogger().addFilter(lambda record: "Sharding spec not found" not in record.getMessage())
     warnings.filterwarnings("ignore", message=".*torch.tensor results are registered as constants.*")
