@@ -227,8 +227,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     else:  # a restart after a failure: resume from the last reported checkpoint
         with checkpoint.as_directory() as ckpt_dir:
             resume = str(Path(ckpt_dir) / CHECKPOINT_NAME)
-            if trainer.is_global_zero:
-                print(f"resuming from {resume}")
+            print(f"rank {ray.train.get_context().get_world_rank()}: resuming from {resume}", flush=True)
             trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resume, weights_only=False)
     cli.after_fit()
 
