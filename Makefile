@@ -7,6 +7,8 @@ CONFIG ?= configs/movielens/deepfm.yaml
 .PHONY: install train test lint bench clean
 
 install: $(BIN)/rec-dist
+	# Headless Chromium for the MLflow UI screenshot test (apt-get as root when missing; else a hint).
+	scripts/install_chromium.sh
 
 $(BIN)/rec-dist: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

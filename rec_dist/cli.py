@@ -4,6 +4,7 @@
     rec-dist data prepare movielens-100k [--data_dir D] [--source_dir S]
     rec-dist data synth OUT_DIR [--settings.num_rows N ...]
     rec-dist export --config CONFIG.yaml --ckpt_path CKPT [--output model.pt]
+    rec-dist register --run_id RUN --name NAME | --experiment EXP --metric M [--mode max] --name NAME
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ commands:
   predict    score the predict split
   data       prepare or synthesise data: rec-dist data prepare movielens-100k | rec-dist data synth ...
   export     one unsharded state dict for inference: rec-dist export --config X --ckpt_path CKPT --output model.pt
+  register   a run's model into the MLflow registry: rec-dist register --run_id RUN --name NAME
+             or the best run's: rec-dist register --experiment EXP --metric test/auc --name NAME
 
 `rec-dist <command> --help` shows every option; `rec-dist fit --config X --print_config`
 prints the fully resolved configuration. Runs are tracked in MLflow (default store
@@ -44,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         from rec_dist.export import main as export_main
 
         export_main(argv[1:])
+    elif command == "register":
+        from rec_dist.tracking.model_registry import main as register_main
+
+        register_main(argv[1:])
     elif command in LIGHTNING_COMMANDS:
         from rec_dist.lightning_cli import run
 

@@ -83,16 +83,32 @@ def build_cli_class():
         def after_fit(self) -> None:
             config = self.config.get(self.subcommand, self.config)
             datamodule = self.datamodule
-            if not config.get("test_after_fit", True) or getattr(datamodule, "splits", {}).get("test") is None:
-                return
             checkpoint = self.trainer.checkpoint_callback
-            ckpt = "best" if checkpoint is not None and checkpoint.best_model_path else None
-            if ckpt and self.trainer.is_global_zero:
-                print(
-                    f"best {checkpoint.monitor} = {float(checkpoint.best_model_score):.4f} "
-                    f"({checkpoint.best_model_path}); testing it"
-                )
-            self.trainer.test(self.model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+            if config.get("test_after_fit", True) and getattr(datamodule, "splits", {}).get("test") is not None:
+                ckpt = "best" if checkpoint is not None and checkpoint.best_model_path else None
+                if ckpt and self.trainer.is_global_zero:
+                    print(
+                        f"best {checkpoint.monitor} = {float(checkpoint.best_model_score):.4f} "
+                        f"({checkpoint.best_model_path}); testing it"
+                    )
+                self.trainer.test(self.model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+
+            # The final model (best checkpoint, else last) into the run as an MLflow model, from rank 0.
+            from lightning.pytorch.loggers import MLFlowLogger
+
+            loggers = [lg for lg in self.trainer.loggers if isinstance(lg, MLFlowLogger)]
+            final = checkpoint and (checkpoint.best_model_path or checkpoint.last_model_path)
+            if not self.trainer.is_global_zero or not loggers:
+                return
+            if not final:
+                print("no checkpoint was saved: the run has no final model (enable a ModelCheckpoint)")
+                return
+            from rec_dist.tracking.model_registry import log_final_model
+
+            text = self._parser(self.subcommand).dump(config, skip_none=False)
+            for logger in loggers:
+                info = log_final_model(logger.run_id, text, final, tracking_uri=getattr(logger, "_tracking_uri", None))
+                print(f"final model {final} logged to MLflow run {logger.run_id} as {info.model_uri}")
 
     return RecDistCLI
 

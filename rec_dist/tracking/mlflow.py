@@ -35,7 +35,10 @@ class MLflowLogger(MLFlowLogger):
         tags: dict[str, Any] | None = None,
         log_model: bool = False,
         checkpoint_dir: str = "checkpoints",
+        run_id: str | None = None,
     ) -> None:
+        """``run_id``: continue that run (created elsewhere, e.g. by a Ray Train driver) instead of
+        starting one; ``experiment_name`` and ``run_name`` are then not used."""
         self.checkpoint_dir = checkpoint_dir
         super().__init__(
             experiment_name=experiment_name,
@@ -43,6 +46,7 @@ class MLflowLogger(MLFlowLogger):
             tracking_uri=tracking_uri or default_tracking_uri(),
             tags=tags,
             log_model=log_model,
+            run_id=run_id,
         )
 
     @property
