@@ -17,10 +17,10 @@ this one does instead (see DESIGN.md):
 - the initial weights of the unsharded model are copied into the shards, so
   a sharded run starts exactly where the single-process run starts.
 
-Embedding gradients are summed over ranks (TorchRec's convention) while
-dense gradients are averaged (DDP): Adagrad, the default sparse optimizer,
-is invariant to that factor; with SGD divide the sparse learning rate by the
-world size to match a single-process run.
+TorchRec divides embedding gradients by the world size in its all-to-all
+backward (``comm_ops.GRADIENT_DIVISION``), so they are averaged over ranks
+like the dense ones under DDP: a sharded run with a global batch of N matches
+a single process with batch N at the same learning rates (tests/test_sharding.py).
 """
 
 from __future__ import annotations

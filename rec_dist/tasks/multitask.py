@@ -49,7 +49,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +58,7 @@ from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.fused import SparseOptimizers
 from rec_dist.losses.balancing import Balancer, StaticWeights
+from rec_dist.tasks.clipping import ClipsFusedTables
 from rec_dist.tasks.group_metrics import GroupRule, RegressionMetrics, SubsetMetrics, UserGroups
 from rec_dist.tasks.ranking import (
     STAGES,
@@ -132,7 +132,7 @@ def parse_tasks(tasks: Mapping[str, Any] | None, schema: Schema) -> dict[str, Ta
 
 
 # ---- the task -------------------------------------------------------------------------------------------
-class MultiTaskTask(pl.LightningModule):
+class MultiTaskTask(ClipsFusedTables):
     """Trains a multi-task ranking model (``forward(batch) -> {task: logits (B,)}``); see the module docstring.
 
     Args:
@@ -301,6 +301,7 @@ class MultiTaskTask(pl.LightningModule):
         return RankingTask.configure_optimizers(self)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         precision = str(self.trainer.precision)
         if not self.automatic_optimization and precision.startswith("16"):
             raise ValueError(

@@ -22,6 +22,7 @@ from rec_dist.embedding.fused import (
     fused_parameter_ids,
 )
 from rec_dist.metrics.gauc import GroupAUC
+from rec_dist.tasks.clipping import ClipsFusedTables
 
 # A model class whose first two arguments (schema, task names) the task fills in.
 ModelFactory = Callable[[Schema, Sequence[str]], nn.Module]
@@ -102,7 +103,7 @@ class EvalMetrics(nn.Module):
         self.logloss.reset()
 
 
-class RankingTask(pl.LightningModule):
+class RankingTask(ClipsFusedTables):
     """Trains any ranking model (``forward(batch) -> {task: logits}``) on one binary label.
 
     ``sparse_optimizer`` fuses an Adagrad / SGD update into the backward of
