@@ -146,3 +146,32 @@ def test_sharded_two_process_clipping_equals_single_process(tmp_path):
     for sharding_type, run in sharded.items():
         assert run["norms"] == pytest.approx(reference["norms"], rel=1e-4), sharding_type
         assert run["losses"] == pytest.approx(reference["losses"], rel=1e-4, abs=1e-6), sharding_type
+
+
+def test_trainer_gradient_clip_val_reaches_the_fused_tables(schema):
+    """Through Lightning: ``gradient_clip_val`` with fused SGD tables == Lightning's own clipping unfused."""
+    import lightning.pytorch as pl
+
+    from rec_dist.models import DeepFM
+    from rec_dist.tasks.ranking import RankingTask
+
+    batches = torch.utils.data.DataLoader([_batch(schema, seed=s) for s in range(4)], batch_size=None)
+
+    def fit(sparse: SparseOptimizer | None, clip: float | None = MAX_NORM / 10) -> RankingTask:
+        torch.manual_seed(0)
+        task = RankingTask(lambda s, t: DeepFM(s, t, hidden=(8,)), schema=schema, label="like", group_feature=None,
+                           optimizer=lambda p: torch.optim.SGD(p, lr=LR), sparse_optimizer=sparse)
+        trainer = pl.Trainer(max_steps=len(batches), gradient_clip_val=clip, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             accelerator="cpu", devices=1, num_sanity_val_steps=0)
+        trainer.fit(task, train_dataloaders=batches)
+        return task
+
+    fused, plain = fit(SparseOptimizer("sgd", lr=LR)), fit(None)
+    assert fused._clipper is None  # removed at fit end
+    weights = {k: v for k, v in fused.model.state_dict().items() if "embedding_bags.user" in k}
+    assert weights, "the user table should be fused"
+    unclipped = fit(SparseOptimizer("sgd", lr=LR), clip=None).model.state_dict()
+    for key, value in weights.items():
+        torch.testing.assert_close(value, plain.model.state_dict()[key], rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(value, unclipped[key], rtol=1e-3, atol=1e-6)  # the clip changed the tables
