@@ -5,6 +5,8 @@
     rec-dist data synth OUT_DIR [--settings.num_rows N ...]
     rec-dist export --config CONFIG.yaml --ckpt_path CKPT [--output model.pt]
     rec-dist register --run_id RUN --name NAME | --experiment EXP --metric M [--mode max] --name NAME
+    rec-dist tune --space tune_spaces/X.yaml [--config C.yaml] [--num_samples 8] [--search random|optuna]
+    rec-dist ray-train --config C.yaml [--num_workers 2] [--use_gpu] [--storage_path P]   (Ray Train)
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ commands:
   export     one unsharded state dict for inference: rec-dist export --config X --ckpt_path CKPT --output model.pt
   register   a run's model into the MLflow registry: rec-dist register --run_id RUN --name NAME
              or the best run's: rec-dist register --experiment EXP --metric test/auc --name NAME
+  tune       a Ray Tune study (ASHA; random or Optuna TPE), each trial a Ray Train run and an MLflow child run:
+             rec-dist tune --space tune_spaces/multitask_weights.yaml --num_samples 8
+  ray-train  a config on a Ray Train worker group (what `ray job submit ... python jobs/train.py` runs):
+             rec-dist ray-train --config configs/movielens/deepfm_torchrec.yaml --num_workers 2
 
 `rec-dist <command> --help` shows every option; `rec-dist fit --config X --print_config`
 prints the fully resolved configuration. Runs are tracked in MLflow (default store
@@ -51,6 +57,14 @@ def main(argv: list[str] | None = None) -> None:
         from rec_dist.tracking.model_registry import main as register_main
 
         register_main(argv[1:])
+    elif command == "tune":
+        from rec_dist.tune.tuner import main as tune_main
+
+        tune_main(argv[1:])
+    elif command == "ray-train":
+        from rec_dist.tune.ray_train import main as ray_train_main
+
+        ray_train_main(argv[1:])
     elif command in LIGHTNING_COMMANDS:
         from rec_dist.lightning_cli import run
 

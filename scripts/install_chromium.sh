@@ -11,7 +11,7 @@ for name in chromium chromium-browser google-chrome; do
 done
 
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "chromium: not found and no apt-get here; install chromium yourself (the UI screenshot test is skipped without it)" >&2
+    echo "chromium: not found and no apt-get here; install chromium yourself (the UI screenshot test fails without it)" >&2
     exit 0
 fi
 
@@ -20,7 +20,7 @@ if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
         SUDO="sudo -n"
     else
-        echo "chromium: not found; run 'apt-get install chromium' as root (the UI screenshot test is skipped without it)" >&2
+        echo "chromium: not found; run 'apt-get install chromium' as root (the UI screenshot test fails without it)" >&2
         exit 0
     fi
 fi

@@ -139,10 +139,10 @@ def _page_text(dom: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", dom)))
 
 
-@pytest.mark.skipif(find_chromium() is None, reason="no chromium: run scripts/install_chromium.sh (make install)")
 def test_ui_shows_the_run_metric_chart(server, fitted, credentials):
     from PIL import Image
 
+    assert find_chromium() is not None, "no chromium: `make install` installs it (scripts/install_chromium.sh)"
     client, run = _run(server)
     latest = client.get_metric_history(run.info.run_id, CHART_METRIC)[-1]
     with basic_auth_proxy(server, server.username, server.password) as proxy:

@@ -21,15 +21,18 @@ class RayTorchRecStrategy(TorchRecStrategy, RayDDPStrategy):
     strategy_name = "ray_torchrec"
 
 
-def ray_strategy_for(configured: Strategy | str | None) -> Strategy:
+def ray_strategy_for(configured: Strategy | str | None, manual_optimization: bool = False) -> Strategy:
     """The Ray counterpart of the strategy a training config names.
 
     ``torchrec`` (name or instance, with its sharding settings) becomes
     ``RayTorchRecStrategy``; anything else becomes plain ``RayDDPStrategy``
-    (data-parallel, unsharded tables), since Ray owns the processes.
+    (data-parallel, unsharded tables), since Ray owns the processes. Tasks
+    with manual optimization (GradNorm, PCGrad) step parameters, such as
+    the balancer's task weights, that the DDP-reduced loss does not reach:
+    DDP then has to look for unused parameters.
     """
     if isinstance(configured, TorchRecStrategy):
         return RayTorchRecStrategy(sharding=configured.sharding)
     if configured == TorchRecStrategy.strategy_name:
         return RayTorchRecStrategy()
-    return RayDDPStrategy()
+    return RayDDPStrategy(find_unused_parameters=manual_optimization)

@@ -13,7 +13,8 @@ is Ray's, ``trainer.devices`` is replaced by ``--num_workers``, and every
 epoch end reports the metrics and a checkpoint to Ray. A torchrec checkpoint
 is a directory of DCP shards, one file per rank; Ray merges the workers'
 files into one checkpoint directory, which is what a restart resumes from
-(``FailureConfig(max_failures)``).
+(``FailureConfig(max_failures)``). After ``fit`` the workers run the CLI's
+``after_fit``: the test pass and the final model logged to the MLflow run.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def create_mlflow_run(tracking_uri: str, experiment: str, run_name: str | None, 
 
 def run_on_ray(config: str, cli_args: Sequence[str], settings: RayTrainSettings, *, stage: str = "fit",
                ckpt_path: str | None = None, parent_run_id: str | None = None, run_id: str | None = None,
-               run_config_callbacks: Sequence[Any] = ()) -> RayRun:
+               run_name: str | None = None, run_config_callbacks: Sequence[Any] = ()) -> RayRun:
     """Run one Lightning stage of ``config`` on a Ray Train worker group; returns when it has finished.
 
     Needs a Ray cluster (``ray.init()`` is called with defaults when none is
@@ -127,7 +128,8 @@ def run_on_ray(config: str, cli_args: Sequence[str], settings: RayTrainSettings,
         raise FileNotFoundError(f"--config {config}: no such file")
     if settings.num_workers < 1:
         raise ValueError(f"--num_workers must be >= 1, got {settings.num_workers}")
-    experiment, run_name, configured_uri = logger_names(config, cli_args)
+    experiment, configured_name, configured_uri = logger_names(config, cli_args)
+    run_name = run_name or configured_name
     tracking_uri = absolute_tracking_uri(settings.tracking_uri or configured_uri or default_tracking_uri())
     if "runtime_resources" in os.getcwd() and tracking_uri.startswith("sqlite:"):
         print(f"warning: MLflow store {tracking_uri} lies in Ray's temporary copy of the working directory; "
@@ -172,8 +174,6 @@ def run_on_ray(config: str, cli_args: Sequence[str], settings: RayTrainSettings,
     except Exception:
         _terminate(tracking_uri, run_id, "FAILED")
         raise
-    if stage == "fit" and result.checkpoint is not None:
-        _log_final_model(tracking_uri, run_id, result.checkpoint)
     return RayRun(run_id=run_id, tracking_uri=tracking_uri, result=result)
 
 
@@ -181,20 +181,6 @@ def _terminate(tracking_uri: str, run_id: str, status: str) -> None:
     from mlflow import MlflowClient
 
     MlflowClient(tracking_uri).set_terminated(run_id, status)
-
-
-def _log_final_model(tracking_uri: str, run_id: str, checkpoint) -> None:
-    """The last Ray checkpoint, exported unsharded, as the run's MLflow model (when the registry module exists)."""
-    try:
-        from rec_dist.tracking.model_registry import log_final_model
-    except ImportError:
-        return
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp, checkpoint.as_directory() as ckpt_dir:
-        config_path = client.download_artifacts(run_id, "config.yaml", tmp)
-        log_final_model(run_id, config_path, str(Path(ckpt_dir) / CHECKPOINT_NAME), tracking_uri=tracking_uri)
 
 
 # ---- worker side ---------------------------------------------------------------------------------
@@ -245,7 +231,8 @@ def ray_cli_class(loop_config: dict[str, Any]):
     class RayRecDistCLI(base):
         def _instantiate_trainer(self, config: dict, callbacks: list):
             config = dict(config)
-            config["strategy"] = ray_strategy_for(config.get("strategy"))
+            manual = not getattr(self.model, "automatic_optimization", True)
+            config["strategy"] = ray_strategy_for(config.get("strategy"), manual_optimization=manual)
             config["plugins"] = [RayLightningEnvironment()]
             config["devices"] = "auto"
             config["num_nodes"] = 1
@@ -264,10 +251,8 @@ def continue_run_logger(logger, loop_config: dict[str, Any]):
 
     experiment = getattr(logger, "_experiment_name", "rec_dist")
     checkpoint_dir = getattr(logger, "checkpoint_dir", "checkpoints")
-    new = MLflowLogger(experiment_name=experiment, tracking_uri=loop_config["tracking_uri"],
-                       checkpoint_dir=str(Path(checkpoint_dir).resolve()))
-    new._run_id = loop_config["run_id"]  # Lightning's MLFlowLogger then continues this run instead of creating one
-    return new
+    return MLflowLogger(experiment_name=experiment, tracking_uri=loop_config["tracking_uri"],
+                        checkpoint_dir=str(Path(checkpoint_dir).resolve()), run_id=loop_config["run_id"])
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -297,6 +282,9 @@ def settings_from(args: argparse.Namespace) -> RayTrainSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from rec_dist.quiet import quiet_startup
+
+    quiet_startup()
     args, cli_args = parse_args(sys.argv[1:] if argv is None else argv, "Train a rec_dist config on Ray Train")
     run = run_on_ray(args.config, cli_args, settings_from(args))
     metrics = {k: v for k, v in (run.result.metrics or {}).items() if isinstance(v, int | float)}
@@ -304,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> None:
+    from rec_dist.quiet import quiet_startup
+
+    quiet_startup()
     args, cli_args = parse_args(sys.argv[1:] if argv is None else argv, "Evaluate a checkpoint on Ray Train", "eval")
     ckpt = Path(args.ckpt_path)
     if (ckpt / CHECKPOINT_NAME).exists():  # a Ray checkpoint directory: the Lightning checkpoint inside it
