@@ -144,6 +144,8 @@ def run_on_ray(config: str, cli_args: Sequence[str], settings: RayTrainSettings,
     storage = settings.storage_path
     if storage is not None and "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
+    # Lightning's own checkpoints (ModelCheckpoint: best, last) next to Ray's, not in the job's temporary copy
+    local_storage = str(Path(storage or "~/ray_results").expanduser()) if "://" not in (storage or "") else None
     loop_config = {
         "config_text": Path(config).read_text(),
         "config_name": Path(config).name,
@@ -154,6 +156,7 @@ def run_on_ray(config: str, cli_args: Sequence[str], settings: RayTrainSettings,
         "run_id": run_id,
         "tracking_uri": tracking_uri,
         "use_gpu": settings.use_gpu,
+        "checkpoint_root": str(Path(local_storage) / name / "lightning") if local_storage else None,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -250,9 +253,11 @@ def continue_run_logger(logger, loop_config: dict[str, Any]):
     from rec_dist.tracking.mlflow import MLflowLogger
 
     experiment = getattr(logger, "_experiment_name", "rec_dist")
-    checkpoint_dir = getattr(logger, "checkpoint_dir", "checkpoints")
+    checkpoint_dir = Path(getattr(logger, "checkpoint_dir", "checkpoints"))
+    if not checkpoint_dir.is_absolute() and loop_config.get("checkpoint_root"):
+        checkpoint_dir = Path(loop_config["checkpoint_root"])  # a relative path would land in Ray's temp copy
     return MLflowLogger(experiment_name=experiment, tracking_uri=loop_config["tracking_uri"],
-                        checkpoint_dir=str(Path(checkpoint_dir).resolve()), run_id=loop_config["run_id"])
+                        checkpoint_dir=str(checkpoint_dir.resolve()), run_id=loop_config["run_id"])
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -265,7 +270,8 @@ def parse_args(argv: Sequence[str], description: str, stage: str = "fit") -> tup
     parser.add_argument("--cpus_per_worker", type=float, default=1.0)
     parser.add_argument("--storage_path", default=None, help="Ray checkpoints (shared path or URI on clusters)")
     parser.add_argument("--name", default=None, help="Ray run name (default: from the MLflow run)")
-    parser.add_argument("--max_failures", type=int, default=3, help="worker-group restarts before giving up")
+    parser.add_argument("--max_failures", type=int, default=3 if stage == "fit" else 0,
+                        help="worker-group restarts before giving up")
     parser.add_argument("--tracking_uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or "
                         "sqlite:///mlruns.db in the working directory)")
     if stage != "fit":
