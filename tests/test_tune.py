@@ -98,3 +98,40 @@ def test_best_config_is_the_best_trial_and_a_valid_training_config(study):
     assert best["model"]["init_args"]["optimizer"]["init_args"]["lr"] == pytest.approx(
         float(rows[0]["model.init_args.optimizer.init_args.lr"]))
     assert balancer in space.params["model.init_args.balancer.class_path"].options
+
+
+def test_optuna_search_runs_trials_with_only_active_parameters(tmp_path):
+    """`--search optuna`: Optuna TPE's define-by-run suggests a balancer's settings only for that balancer."""
+    synthesize(tmp_path / "data", SynthConfig(num_rows=3_000, num_users=200, num_items=100, num_categories=8,
+                                             seq_len=5, seed=2, cold_start_fraction=0.3))
+    cmd = [sys.executable, "-m", "rec_dist.cli", "tune", "--space", str(SPACE), "--search", "optuna",
+           "--num_samples", "2", "--scheduler", "fifo", "--storage_path", str(tmp_path / "ray"),
+           "--tracking_uri", f"sqlite:///{tmp_path}/mlruns.db", "--best_config", str(tmp_path / "best.yaml"),
+           "--data.init_args.schema_path", str(tmp_path / "data" / "schema.yaml"),
+           "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--test_after_fit", "false",
+           "--trainer.logger.init_args.checkpoint_dir", str(tmp_path / "ckpt")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    client, parent, children = _runs(tmp_path)
+    assert parent.data.params["search"] == "optuna"
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    space = load_space(SPACE)
+    for row in _rows(client, parent, tmp_path):
+        balancer = row["model.init_args.balancer.class_path"]
+        for key, value in row.items():
+            if key in space.params and value != "":  # a filled cell: the parameter was active in that trial
+                assert space.is_active(key, {"model.init_args.balancer.class_path": balancer}), (key, balancer)
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    validate_training_config(best, where="best.yaml")
+
+
+def test_bad_space_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("metric: val/auc\nmode: max\nparams:\n"
+                   "  model.init_args.optimizer.init_args.lr: {loguniform: [0, 1]}\n")
+    done = subprocess.run([sys.executable, "-m", "rec_dist.cli", "tune", "--space", str(bad), "--config",
+                           str(REPO / "configs" / "multitask" / "mmoe.yaml")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert str(bad) in done.stderr and "model.init_args.optimizer.init_args.lr" in done.stderr
+    assert not list(tmp_path.glob("mlruns.db"))  # nothing was started

@@ -255,14 +255,7 @@ class SearchSpace:
             raise SpaceError(f"space {self.path}: grid parameters cannot be searched with optuna; use random "
                              f"(grid: {grids})")
 
-        def define_by_run(trial: optuna.Trial) -> dict[str, Any]:
-            resolved: dict[str, Any] = {}
-            for key, p in self.params.items():
-                if all(c.holds(resolved) for c in p.when):
-                    resolved[key] = p.suggest(trial) if p.searched else self._derive(p, resolved)
-            return resolved
-
-        return define_by_run
+        return _DefineByRun(self)
 
     # ---- a trial's overrides ------------------------------------------------------------------
     def is_active(self, key: str, resolved: Mapping[str, Any]) -> bool:
@@ -301,6 +294,20 @@ class SearchSpace:
 # ---------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _DefineByRun:
+    """``SearchSpace.optuna_define_by_run``'s function: a module-level class, since Ray pickles the searcher."""
+
+    space: SearchSpace
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        resolved: dict[str, Any] = {}
+        for key, p in self.space.params.items():
+            if all(c.holds(resolved) for c in p.when):
+                resolved[key] = p.suggest(trial) if p.searched else self.space._derive(p, resolved)
+        return resolved
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
 
