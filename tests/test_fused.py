@@ -60,8 +60,10 @@ def test_fused_parameters_are_left_to_the_fused_optimizer(schema):
 def test_row_wise_adagrad_on_cpu_and_unknown_names_are_clear_errors(schema):
     with pytest.raises(ValueError, match="'row_wise_adagrad' has no CPU kernel.*adagrad"):
         fuse_pooled_tables(FeatureEmbeddings(schema), SparseOptimizer("row_wise_adagrad"))
-    with pytest.raises(ValueError, match="sparse_optimizer.name must be one of"):
+    with pytest.raises(ValueError, match="'adam' has no CPU kernel.*adagrad"):
         fuse_pooled_tables(FeatureEmbeddings(schema), SparseOptimizer("adam"))
+    with pytest.raises(ValueError, match="sparse_optimizer.name must be one of"):
+        fuse_pooled_tables(FeatureEmbeddings(schema), SparseOptimizer("lamb"))
 
 
 def test_ten_million_row_table_trains_on_cpu_touching_only_seen_rows():

@@ -31,8 +31,9 @@ SPARSE_OPTIMIZERS = {
     "row_wise_adagrad": RowWiseAdagrad,
     "adagrad": torch.optim.Adagrad,
     "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
 }
-CUDA_ONLY = {"row_wise_adagrad"}
+CUDA_ONLY = {"row_wise_adagrad", "adam"}  # FBGEMM 1.8 has CPU kernels for exact Adagrad and SGD only
 
 
 @dataclass
@@ -43,10 +44,11 @@ class SparseOptimizer:
     ``tables`` (one entry may leave ``tables`` out: it covers the rest).
 
     Args:
-        name: adagrad or sgd (FBGEMM's CPU kernels), or row_wise_adagrad (one
-            accumulator per row; its FBGEMM 1.8 kernel is CUDA-only).
+        name: adagrad or sgd (FBGEMM's CPU kernels), or, CUDA only in FBGEMM
+            1.8, row_wise_adagrad (one accumulator per row) and adam (fused
+            Adam: moments updated for the rows a batch touches).
         lr: learning rate.
-        eps: Adagrad epsilon.
+        eps: Adagrad / Adam epsilon.
         tables: the embedding tables this optimizer trains (None: all the others).
     """
 
