@@ -18,11 +18,9 @@ import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from mlflow.exceptions import MlflowException
 
 from rec_dist.cli import main
-from rec_dist.data.synth import SynthConfig, synthesize
 from rec_dist.tracking.model_registry import MODEL_NAME, using_tracking_uri
 from rec_dist.tracking.server import (
     basic_auth_proxy,
@@ -32,6 +30,7 @@ from rec_dist.tracking.server import (
     screenshot,
     start_local_server,
 )
+from tests.tiny_runs import tiny_ranking_config, tiny_synth
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "test-artifacts" / "mlflow_ui_metric.png"
@@ -57,25 +56,8 @@ def credentials(server, monkeypatch):
 def fitted(server, tmp_path_factory):
     """`python -m rec_dist.cli fit` as a subprocess; the logger has no tracking_uri: the env var decides."""
     root = tmp_path_factory.mktemp("fit_over_http")
-    synthesize(root / "data", SynthConfig(num_rows=3000, num_users=200, num_items=150, num_categories=6, seq_len=6,
-                                         seed=5))
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_epochs": 2, "log_every_n_steps": 1, "enable_progress_bar": False,
-            "logger": {"class_path": "rec_dist.tracking.mlflow.MLflowLogger",
-                       "init_args": {"experiment_name": "server-test", "run_name": "over-http",
-                                     "checkpoint_dir": str(root / "ckpt")}},
-        },
-        "model": {"class_path": "rec_dist.tasks.ranking.RankingTask", "init_args": {
-            "label": "click",
-            "model": {"class_path": "rec_dist.models.DeepFM", "init_args": {"hidden": [16]}},
-            "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
-        }},
-        "data": {"class_path": "rec_dist.data.datamodule.ParquetDataModule",
-                 "init_args": {"schema_path": str(root / "data" / "schema.yaml"), "batch_size": 256}},
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    schema = tiny_synth(root / "data", seed=5)
+    tiny_ranking_config(root, schema, "server-test", logger={"run_name": "over-http"})
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     env.update(server.client_env())
     done = subprocess.run([sys.executable, "-m", "rec_dist.cli", "fit", "--config", str(root / "config.yaml")],
@@ -108,8 +90,9 @@ def test_fit_logs_run_and_final_model_over_http_with_basic_auth(server, fitted, 
     assert {"val/auc", "val/logloss", "test/auc", "test/logloss", CHART_METRIC} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, CHART_METRIC)) > 10
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
-    files = {f.path for f in mlflow.artifacts.list_artifacts(f"runs:/{run.info.run_id}/{MODEL_NAME}",
-                                                             tracking_uri=server)}
+    with using_tracking_uri(server):  # runs:/ resolves its logged model through the module-level URI
+        files = {f.path for f in mlflow.artifacts.list_artifacts(f"runs:/{run.info.run_id}/{MODEL_NAME}",
+                                                                 tracking_uri=server)}
     assert {f"{MODEL_NAME}/MLmodel", f"{MODEL_NAME}/artifacts"} <= files
     assert next((fitted / "ckpt").rglob("best-*.ckpt")).is_file()
     assert not (fitted / "mlruns").exists()  # the artifacts went to the server, not to a local store

@@ -19,11 +19,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 from mlflow.entities import LoggedModelStatus
 
 from rec_dist.cli import main
-from rec_dist.data.synth import SynthConfig, synthesize
 from rec_dist.tracking.model_registry import (
     MODEL_NAME,
     RegistryError,
@@ -32,6 +30,7 @@ from rec_dist.tracking.model_registry import (
     register_run,
     using_tracking_uri,
 )
+from tests.tiny_runs import tiny_ranking_config, tiny_synth
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -59,26 +58,9 @@ def offline():
 def trained(tmp_path_factory, offline):
     """A 2-epoch DeepFM fit through `rec-dist fit` (in-process), tracked in a SQLite store."""
     root = tmp_path_factory.mktemp("registry")
-    synthesize(root / "data", SynthConfig(num_rows=3000, num_users=200, num_items=150, num_categories=6, seq_len=6,
-                                         seed=3))
+    schema = tiny_synth(root / "data", seed=3)
     uri = f"sqlite:///{root}/mlruns.db"
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_epochs": 2, "log_every_n_steps": 1, "enable_progress_bar": False,
-            "logger": {"class_path": "rec_dist.tracking.mlflow.MLflowLogger",
-                       "init_args": {"experiment_name": "registry", "tracking_uri": uri,
-                                     "checkpoint_dir": str(root / "ckpt")}},
-        },
-        "model": {"class_path": "rec_dist.tasks.ranking.RankingTask", "init_args": {
-            "label": "click",
-            "model": {"class_path": "rec_dist.models.DeepFM", "init_args": {"hidden": [16]}},
-            "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
-        }},
-        "data": {"class_path": "rec_dist.data.datamodule.ParquetDataModule",
-                 "init_args": {"schema_path": str(root / "data" / "schema.yaml"), "batch_size": 256}},
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    tiny_ranking_config(root, schema, "registry", logger={"tracking_uri": uri})
     cwd = os.getcwd()
     os.chdir(root)  # the SQLite store's default artifact root is ./mlruns
     try:

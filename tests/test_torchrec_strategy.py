@@ -9,34 +9,19 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 
-from rec_dist.data.synth import SynthConfig, synthesize
+from tests.tiny_runs import tiny_ranking_config, tiny_synth
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("torchrec")
-    synthesize(root / "data", SynthConfig(num_rows=12_000, num_users=500, num_items=400, num_categories=8, seq_len=10,
-                                         seed=1))
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 2, "strategy": "torchrec", "max_epochs": 3,
-            "log_every_n_steps": 1, "enable_progress_bar": False,
-            "logger": {"class_path": "rec_dist.tracking.mlflow.MLflowLogger",
-                       "init_args": {"experiment_name": "strategy", "tracking_uri": f"sqlite:///{root}/mlruns.db",
-                                     "checkpoint_dir": str(root / "ckpt")}},
-        },
-        "model": {"class_path": "rec_dist.tasks.ranking.RankingTask", "init_args": {
-            "label": "click", "sparse_optimizer": {"name": "adagrad", "lr": 0.05},
-            "model": {"class_path": "rec_dist.models.DeepFM", "init_args": {"hidden": [32, 16]}},
-            "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.005}},
-        }},
-        "data": {"class_path": "rec_dist.data.datamodule.ParquetDataModule",
-                 "init_args": {"schema_path": str(root / "data" / "schema.yaml"), "batch_size": 256}},
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    schema = tiny_synth(root / "data", num_rows=12_000, seed=1, num_users=500, num_items=400, num_categories=8,
+                        seq_len=10)
+    tiny_ranking_config(root, schema, "strategy", hidden=(32, 16), lr=0.005,
+                        logger={"tracking_uri": f"sqlite:///{root}/mlruns.db"},
+                        trainer={"devices": 2, "strategy": "torchrec", "max_epochs": 3},
+                        task={"sparse_optimizer": {"name": "adagrad", "lr": 0.05}})
     return root
 
 
