@@ -1,0 +1,117 @@
+"""BST (Chen et al. 2019, "Behavior Sequence Transformer for E-commerce Recommendation in Alibaba").
+
+The behaviour sequence and the candidate form one token sequence that a
+Transformer block reads. Query features (the candidate) pair position by
+position with sequences over the same kind of id, as in DIN::
+
+    s_t   = [E^s_1[t]; ...; E^s_P[t]] + p_t          t = 1..L   (B, L, D)
+    s_L+1 = [e^q_1; ...; e^q_P] + p_{L+1}            the target (B, D)
+    A     = MHA(S, S, S)        padding keys masked out          (B, L+1, D)
+    X     = LayerNorm(S + Dropout(A))
+    Y     = LayerNorm(X + Dropout(W2 LeakyReLU(W1 X)))           (B, L+1, D)
+    logit = DNN([other fields; Y_{L+1}; mean_t Y_t (real t); x_d])
+
+``p`` is a learned position embedding (the paper embeds the time gap; the
+data here are ordered, oldest first). The paper flattens all L+1 outputs
+into the DNN; the target's output and the masked mean of the history outputs
+keep the DNN's width independent of ``max_len``.
+
+POSO (Dai et al. 2021), ``poso: mha``: the attention becomes
+``POSOMultiHeadAttention``, whose heads are scaled per user by
+``C * sigmoid(MLP(pc))``, the personalisation code ``pc`` being the
+concatenated ``poso_features`` (e.g. ``user_group``): new and regular users
+get their own mix of heads. Output ``{task: (B,)}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from rec_dist.data.batch import Batch
+from rec_dist.data.schema import Schema
+from rec_dist.embedding.collection import FeatureEmbeddings
+from rec_dist.layers.mlp import MLP
+from rec_dist.layers.poso import POSOMultiHeadAttention
+from rec_dist.models.base import FeatureSelection, RankingModel, TaskHead
+from rec_dist.models.din import _pairs
+
+
+class BST(RankingModel):
+    """BST with an optional POSO multi-head attention; see the module docstring.
+
+    Args:
+        schema, tasks, query_features, sequence_features, features: as ``DIN``.
+        num_heads: attention heads (the token width D must be divisible by it).
+        ffn_hidden: width of the block's feed-forward layer (None: 4 D).
+        hidden: DNN hidden sizes.
+        dropout: dropout in the Transformer block and the DNN.
+        poso: None or ``"mha"`` (POSO gates on the attention heads).
+        poso_features: the personalisation code: sparse / multi-hot (embedding) or dense features.
+        poso_scale: C, the gates lie in (0, C).
+        poso_gate_hidden: hidden width of the POSO gate (None: num_heads).
+    """
+
+    def __init__(
+        self,
+        schema: Schema,
+        tasks: Sequence[str] = ("like",),
+        query_features: list[str] | None = None,
+        sequence_features: list[str] | None = None,
+        features: list[str] | None = None,
+        num_heads: int = 2,
+        ffn_hidden: int | None = None,
+        hidden: Sequence[int] = (256, 128),
+        dropout: float = 0.1,
+        poso: str | None = None,
+        poso_features: Sequence[str] = ("user_group",),
+        poso_scale: float = 2.0,
+        poso_gate_hidden: int | None = None,
+    ) -> None:
+        super().__init__(schema, tasks)
+        self.query_features, self.sequence_features = _pairs(schema, query_features, sequence_features)
+        used = self.query_features + self.sequence_features
+        self.selection = FeatureSelection.from_schema(schema, features, exclude=used, model="BST")
+        if poso not in (None, "mha"):
+            raise ValueError(f"BST: poso must be null or 'mha', got {poso!r}")
+        self.code = FeatureSelection.from_schema(schema, poso_features, model="BST poso_features") if poso else None
+        dim = sum(schema.table_of(n).embedding_dim for n in self.query_features)
+        if dim % num_heads:
+            raise ValueError(f"BST: the token width {dim} (query embedding dims) must be divisible by num_heads "
+                             f"{num_heads}")
+        max_len = schema.features[self.sequence_features[0]].max_len
+        self.embeddings = FeatureEmbeddings(schema)
+        self.positions = nn.Parameter(torch.randn(max_len + 1, dim) * 0.01)  # (L+1, D)
+        if self.code is not None:
+            code_dim = self.code.flat_dim + self.code.dense_dim
+            self.attention = POSOMultiHeadAttention(dim, num_heads, code_dim, poso_scale, poso_gate_hidden)
+        else:
+            self.attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_hidden or 4 * dim), nn.LeakyReLU(), nn.Linear(ffn_hidden or 4 * dim,
+                                                                                                   dim))
+        self.dropout = nn.Dropout(dropout)
+        self.dnn = MLP(self.selection.flat_dim + 2 * dim + self.selection.dense_dim, hidden, dropout=dropout)
+        self.head = TaskHead(self.dnn.output_dim, self.tasks)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        embedded = self.embeddings(batch)
+        target = torch.cat([embedded.pooled[n] for n in self.query_features], dim=1)  # (B, D)
+        history = torch.cat([embedded.sequences[n] for n in self.sequence_features], dim=2)  # (B, L, D)
+        real = embedded.mask(self.sequence_features[0])  # (B, L)
+        tokens = torch.cat([history, target.unsqueeze(1)], dim=1) + self.positions  # (B, L+1, D)
+        keep = torch.cat([real, real.new_ones(real.shape[0], 1)], dim=1)  # (B, L+1): the target is always real
+        if self.code is not None:
+            code = torch.cat(self.code.gather_fields(embedded) + [self.code.gather_dense(embedded)], dim=1)
+            attended = self.attention(tokens, tokens, tokens, code, key_mask=keep)  # (B, L+1, D)
+        else:
+            attended, _ = self.attention(tokens, tokens, tokens, key_padding_mask=~keep, need_weights=False)
+        x = self.norm1(tokens + self.dropout(attended))  # (B, L+1, D)
+        y = self.norm2(x + self.dropout(self.ffn(x)))  # (B, L+1, D)
+        weights = real.unsqueeze(2).to(y.dtype)  # (B, L, 1)
+        history_mean = (y[:, :-1] * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, D)
+        parts = self.selection.gather_fields(embedded)  # [(B, D_f)]
+        parts += [y[:, -1], history_mean, self.selection.gather_dense(embedded)]
+        return self.head(self.dnn(torch.cat(parts, dim=1)))  # {task: (B,)}
