@@ -23,7 +23,7 @@ from rec_dist.embedding.collection import FeatureEmbeddings
 from rec_dist.embedding.fused import SparseOptimizer, fuse_pooled_tables, fused_parameter_ids
 from tests.conftest import SMALL_SCHEMA
 from tests.test_fused import _batch
-from tests.test_sharding import GLOBAL_BATCH, _free_port, _global_batches, _model
+from tests.test_sharding import GLOBAL_BATCH, _free_port, _global_batches, _model, init_gloo
 
 LR, MAX_NORM = 0.5, 0.05
 SHARDED_MAX_NORM = 0.01  # the DCN-V2 of the sharding tests has gradient norms of 0.03 to 0.13
@@ -78,16 +78,11 @@ def test_fused_clipping_equals_clip_grad_norm_on_unfused_copy(schema, max_norm):
 
 
 def _sharded_worker(rank: int, world: int, port: int, out: str) -> None:
-    import os
-
     import torch.distributed as dist
 
     from rec_dist.distributed.strategy import shard_model
-    from rec_dist.quiet import quiet_startup
 
-    quiet_startup()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     schema = Schema.from_dict(SMALL_SCHEMA)
     results = {}
     for sharding_type in ("table_wise", "column_wise"):

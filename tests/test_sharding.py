@@ -43,15 +43,23 @@ def _global_batches(schema: Schema) -> list[ColumnChunk]:
     return [chunk.slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH) for i in range(STEPS)]
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """One process of a loopback gloo group (inside ``torch.multiprocessing.spawn``)."""
     import torch.distributed as dist
 
-    from rec_dist.distributed.strategy import shard_model
     from rec_dist.quiet import quiet_startup
 
     quiet_startup()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from rec_dist.distributed.strategy import shard_model
+
+    init_gloo(rank, world, port)
     schema = Schema.from_dict(SMALL_SCHEMA)
     results = {}
     for sharding_type in [*SHARDING_TYPES, "per_table_optimizers"]:
