@@ -1,22 +1,27 @@
 """New-user vs regular-user click AUC of a multi-task model, +LHUC, +PEPNet, +POSO, on synthetic data.
 
-    .venv/bin/python benchmarks/cold_start.py [--base mmoe|shared_bottom] [--variants base lhuc pepnet poso]
-        [--seeds 0 1 2] [--epochs 2] [--batch-size 2048] [--reuse]
+    .venv/bin/python benchmarks/cold_start.py [--data rare-new|30pct] [--base mmoe|ple|shared_bottom]
+        [--variants base lhuc pepnet poso] [--seeds 0 1 2 3 4] [--epochs 5] [--batch-size 2048] [--reuse]
 
-Data: ``rec_dist.data.synth`` (``SYNTH`` below: 250,000 rows, 30% of the users new), written once to
-``data/synth-cold-start``. New users (``user_group`` 2) click by item popularity and price and ignore
-categories; regular users (1) click by their preferred / old-interest category, price and age (see
-``rec_dist.data.synth``), so one network serves two different functions.
+Data: ``rec_dist.data.synth`` with a preset of ``DATASETS`` below, written once to ``data/<DATA_DIR>``.
+New users (``user_group`` 2) click by item popularity and price and ignore categories; regular users (1)
+click by their preferred / old-interest category, price and age (see ``rec_dist.data.synth``), so one
+network serves two different functions. ``rare-new`` (the default, POSO's setting): 400,000 rows, 10% of
+50,000 users new, 5.4% of the rows, and the new users' ``user_id`` rewritten to 0 (unknown) in every
+split, so their id embedding carries nothing of their own; ``30pct``: the first setting, 250,000 rows,
+30% of 20,000 users new (32% of the rows), ids kept (data/synth-cold-start). The default command (MMoE,
+4 variants, 5 seeds, 5 epochs) fits 20 models, about 14 minutes on 2 cores.
 
 Each (variant, seed) is one ``rec-dist fit`` of ``configs/multitask/<base>.yaml`` with the data switched to
 the synthetic set and the knobs of ``VARIANTS`` set on the command line (tasks click and like, best epoch
 by val mean AUC, then tested); the per-group test metrics of ``MultiTaskTask``
 (``test/click/{new,regular}/auc``) are read back from the MLflow experiment ``bench-cold-start``.
 The table also gives the Bayes AUC per group (scoring by the true click probability of the test rows)
-and, per variant, the mean over seeds of its difference to the base model of the same seed.
-``--reuse`` takes a finished run of the same name (model, variant, epochs, batch, seed) from MLflow
-instead of fitting again, e.g. to add variants to a table. The variants beyond the default four
-(gate scale, gate inputs) are the settings tried in benchmarks/RESULTS.md.
+and, per variant, the mean ± std over seeds of its difference to the base model of the same seed, the
+seeds where the new-user AUC rose, and those where the regular AUC fell by at most 0.005.
+``--reuse`` takes a finished run of the same name (data preset unless 30pct, model, variant, epochs,
+batch, seed) from MLflow instead of fitting again, e.g. to add variants to a table. The variants beyond
+the default four (gate scale, gate inputs) are the settings tried in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -25,20 +30,42 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 from tracked_fit import ROOT, tracked_fit  # benchmarks/ is on sys.path when a script runs
 
 EXPERIMENT = "bench-cold-start"
-DATA = ROOT / "data" / "synth-cold-start"
-SYNTH = {
-    "num_rows": 250_000,
-    "num_users": 20_000,
-    "num_items": 5_000,
-    "num_categories": 20,
-    "seq_len": 20,
-    "cold_start_fraction": 0.3,
-    "seed": 0,
+# data preset -> (rec_dist.data.synth config, new users' ids replaced by 0 = unknown)
+DATASETS = {
+    # few new users (POSO's setting): 10% of 50,000 users, about 5% of the rows; their
+    # user_id is 0 (unknown) in every split, as a serving system sees a user it has no id for yet
+    "rare-new": (
+        {
+            "num_rows": 400_000,
+            "num_users": 50_000,
+            "num_items": 5_000,
+            "num_categories": 20,
+            "seq_len": 20,
+            "cold_start_fraction": 0.1,
+            "seed": 0,
+        },
+        True,
+    ),
+    # the first setting: 30% of the users new (32% of the rows), new users keep their ids
+    "30pct": (
+        {
+            "num_rows": 250_000,
+            "num_users": 20_000,
+            "num_items": 5_000,
+            "num_categories": 20,
+            "seq_len": 20,
+            "cold_start_fraction": 0.3,
+            "seed": 0,
+        },
+        False,
+    ),
 }
+DATA_DIR = {"rare-new": "synth-cold-start-rare-new", "30pct": "synth-cold-start"}
 M = "--model.init_args.model.init_args."
 # variant -> knobs of the base model's config (values as given on the rec-dist command line)
 VARIANTS = {
@@ -57,18 +84,42 @@ VARIANTS = {
 POSO_MODE = {"mmoe": "mmoe", "ple": "mmoe", "shared_bottom": "mlp"}  # base config -> poso mode
 
 
-def ensure_data() -> None:
-    """Write ``SYNTH`` to ``DATA`` unless it is there already (``rec_dist.data.synth``, deterministic)."""
-    from rec_dist.data.synth import SynthConfig, synthesize
+def ensure_data(name: str) -> Path:
+    """Write preset ``name`` of ``DATASETS`` unless it is there already (``rec_dist.data.synth``, deterministic).
 
-    if (DATA / "truth.json").is_file():
-        built = json.loads((DATA / "truth.json").read_text())["config"]
-        if all(built.get(k) == v for k, v in SYNTH.items()):
-            return
-    synthesize(DATA, SynthConfig(**SYNTH), force=True)
+    With ``unknown_new_ids`` the new users' ``user_id`` is then set to 0 (the unknown id) in every split,
+    which leaves the true click probability unchanged (new users' clicks do not depend on their profile).
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rec_dist.data.synth import NEW, SynthConfig, synthesize
+
+    synth, unknown_new_ids = DATASETS[name]
+    data = ROOT / "data" / DATA_DIR[name]
+    if (data / "truth.json").is_file():
+        truth = json.loads((data / "truth.json").read_text())
+        if (
+            all(truth["config"].get(k) == v for k, v in synth.items())
+            and truth.get("unknown_new_user_ids", False) == unknown_new_ids
+        ):
+            return data
+    synthesize(data, SynthConfig(**synth), force=True)
+    if unknown_new_ids:
+        for split in ("train", "val", "test"):
+            path = data / f"{split}.parquet"
+            t = pq.read_table(path)
+            ids = np.where(t.column("user_group").to_numpy() == NEW, 0, t.column("user_id").to_numpy())
+            t = t.set_column(t.schema.get_field_index("user_id"), "user_id", pa.array(ids, type=pa.int64()))
+            pq.write_table(t, path)
+        truth = json.loads((data / "truth.json").read_text())
+        truth["unknown_new_user_ids"] = True  # marks the rewrite (read by ensure_data only)
+        (data / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
+    return data
 
 
-def bayes_auc_by_group() -> dict[str, float]:
+def bayes_auc_by_group(data: Path) -> dict[str, float]:
     """AUC of the true click probability on the test split, per user group."""
     import numpy as np
     import pyarrow.parquet as pq
@@ -76,9 +127,9 @@ def bayes_auc_by_group() -> dict[str, float]:
 
     from rec_dist.data.synth import click_probability
 
-    t = pq.read_table(DATA / "test.parquet")
+    t = pq.read_table(data / "test.parquet")
     click, group = t.column("click").to_numpy(), t.column("user_group").to_numpy()
-    p = click_probability(t, DATA / "truth.json")
+    p = click_probability(t, data / "truth.json")
     out = {}
     for name, code in (("new", 2), ("regular", 1), ("all", None)):
         keep = np.ones(len(click), bool) if code is None else group == code
@@ -88,10 +139,11 @@ def bayes_auc_by_group() -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="rare-new", choices=list(DATASETS))
     parser.add_argument("--base", default="mmoe", choices=sorted(POSO_MODE))
     parser.add_argument("--variants", nargs="+", default=["base", "lhuc", "pepnet", "poso"], choices=list(VARIANTS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--reuse", action="store_true", help="reuse a finished MLflow run of the same name")
     parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlruns.db'}")
@@ -99,20 +151,21 @@ def main() -> None:
 
     import mlflow
 
-    ensure_data()
+    data = ensure_data(args.data)
     mlflow.set_tracking_uri(args.tracking_uri)
     start = time.perf_counter()
     rows = []
     for variant in args.variants:
         results = []
         for seed in args.seeds:
-            run_name = f"{args.base}-{variant}-e{args.epochs}-b{args.batch_size}-seed{seed}"
+            prefix = "" if args.data == "30pct" else f"{args.data}-"  # 30pct: the first runs' names
+            run_name = f"{prefix}{args.base}-{variant}-e{args.epochs}-b{args.batch_size}-seed{seed}"
             knobs = []
             for key, value in VARIANTS[variant].items():
                 knobs += [M + key, value.format(poso=POSO_MODE[args.base])]
             fit_args = [
                 "--config", f"configs/multitask/{args.base}.yaml",
-                "--data.init_args.schema_path", str(DATA / "schema.yaml"),
+                "--data.init_args.schema_path", str(data / "schema.yaml"),
                 "--data.init_args.batch_size", str(args.batch_size),
                 "--trainer.max_epochs", str(args.epochs),
                 "--seed_everything", str(seed),
@@ -123,26 +176,46 @@ def main() -> None:
         rows.append((variant, results))
     minutes = (time.perf_counter() - start) / 60
 
-    bayes = bayes_auc_by_group()
+    bayes = bayes_auc_by_group(data)
     keys = ("test/click/new/auc", "test/click/regular/auc", "test/click/auc")
     base = dict(rows).get("base")
     print(
-        f"\nbase model {args.base}, {args.epochs} epochs, batch {args.batch_size}, seeds {args.seeds}, "
-        f"{minutes:.1f} min; mean ± std over seeds; delta vs base = mean of per-seed differences"
+        f"\ndata {args.data}, base model {args.base}, {args.epochs} epochs, batch {args.batch_size}, "
+        f"seeds {args.seeds}, {minutes:.1f} min; mean ± std over seeds; Δ = mean ± std of per-seed differences "
+        "to the base model; new up = seeds where the new-user AUC rose; reg ok = seeds where the regular AUC "
+        "fell by at most 0.005"
     )
-    print(f"{'variant':<14} {'new-user AUC':>16} {'regular AUC':>16} {'all AUC':>16} {'Δnew':>8} {'Δregular':>9}")
+    print(
+        f"{'variant':<14} {'new-user AUC':>16} {'regular AUC':>16} {'all AUC':>16} {'Δnew':>16} "
+        f"{'Δregular':>16} {'new up':>7} {'reg ok':>7}"
+    )
     for variant, results in rows:
         cells = []
         for key in keys:
-            values = [r[key] for r in results]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.4f} ± {spread:.4f}")
-        deltas = ["", ""]
+            cells.append(_mean_std([r[key] for r in results]))
+        extra = ["", "", "", ""]
         if base is not None and variant != "base":
-            for i, key in enumerate(keys[:2]):
-                deltas[i] = f"{statistics.mean(r[key] - b[key] for r, b in zip(results, base, strict=True)):+.4f}"
-        print(f"{variant:<14} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} {deltas[0]:>8} {deltas[1]:>9}")
+            d_new = [r[keys[0]] - b[keys[0]] for r, b in zip(results, base, strict=True)]
+            d_reg = [r[keys[1]] - b[keys[1]] for r, b in zip(results, base, strict=True)]
+            n = len(d_new)
+            extra = [
+                _mean_std(d_new, signed=True),
+                _mean_std(d_reg, signed=True),
+                f"{sum(d > 0 for d in d_new)}/{n}",
+                f"{sum(d >= -0.005 for d in d_reg)}/{n}",
+            ]
+        print(
+            f"{variant:<14} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} {extra[0]:>16} {extra[1]:>16} "
+            f"{extra[2]:>7} {extra[3]:>7}"
+        )
     print(f"{'Bayes (truth)':<14} {bayes['new']:>16.4f} {bayes['regular']:>16.4f} {bayes['all']:>16.4f}")
+    for variant, results in rows:  # per seed, for the record
+        print(variant, " ".join(f"{r[keys[0]]:.4f}/{r[keys[1]]:.4f}" for r in results))
+
+
+def _mean_std(values: list[float], signed: bool = False) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):{'+' if signed else ''}.4f} ± {spread:.4f}"
 
 
 if __name__ == "__main__":
