@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/cold_start.py [--data rare-new|30pct] [--base mmoe|ple|shared_bottom]
         [--variants base lhuc pepnet poso] [--seeds 0 1 2 3 4] [--epochs 5] [--batch-size 2048] [--reuse]
+        [--select val-auc|group-mean|last ...]
 
 Data: ``rec_dist.data.synth`` with a preset of ``DATASETS`` below, written once to ``data/<DATA_DIR>``.
 New users (``user_group`` 2) click by item popularity and price and ignore categories; regular users (1)
@@ -22,17 +23,27 @@ seeds where the new-user AUC rose, and those where the regular AUC fell by at mo
 ``--reuse`` takes a finished run of the same name (data preset unless 30pct, model, variant, epochs,
 batch, seed) from MLflow instead of fitting again, e.g. to add variants to a table. The variants beyond
 the default four (gate scale, gate inputs) are the settings tried in benchmarks/RESULTS.md.
+``--select`` picks the checkpoint that is tested: ``val-auc`` (default) the config's rule above;
+``group-mean`` the best epoch by the mean of the new-user and regular-user val AUC (click and like), so
+the few new users count as much as the regular ones; ``last`` the last epoch, no selection (the same
+training budget for every variant). Both come from one fit per (variant, seed), run ``<name>-sel``,
+whose own test is the group-mean checkpoint, plus a ``rec-dist test`` of its last epoch (``<name>-sel-last``);
+checkpoints under ``data/cold-start-ckpt/``. The script also prints the epoch each rule picked.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from tracked_fit import ROOT, tracked_fit  # benchmarks/ is on sys.path when a script runs
+from lightning.pytorch.callbacks import ModelCheckpoint
+from tracked_fit import ROOT, find_run, tracked_fit  # benchmarks/ is on sys.path when a script runs
 
 EXPERIMENT = "bench-cold-start"
 # data preset -> (rec_dist.data.synth config, new users' ids replaced by 0 = unknown)
@@ -82,6 +93,23 @@ VARIANTS = {
     "poso-ua": {"poso": "{poso}", "poso_features": "[user_group, user_activity]"},
 }
 POSO_MODE = {"mmoe": "mmoe", "ple": "mmoe", "shared_bottom": "mlp"}  # base config -> poso mode
+GROUP_MEAN = "val/group_mean_auc"  # monitored by GroupMeanCheckpoint (not logged)
+
+
+class GroupMeanCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that can monitor ``val/group_mean_auc``: the mean over tasks and user groups of
+    ``val/<task>/<group>/auc`` (groups new and regular), so each group counts equally however few rows
+    it has. ``--select group-mean`` puts it first in the callbacks, which makes it the trainer's
+    ``checkpoint_callback``: the one whose best checkpoint ``rec-dist fit`` tests after training."""
+
+    def _monitor_candidates(self, trainer):
+        import torch
+
+        candidates = super()._monitor_candidates(trainer)
+        keys = [k for k in candidates if k.startswith("val/") and k.endswith(("/new/auc", "/regular/auc"))]
+        if keys:
+            candidates[GROUP_MEAN] = torch.stack([candidates[k].float() for k in keys]).mean()
+        return candidates
 
 
 def ensure_data(name: str) -> Path:
@@ -146,6 +174,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--reuse", action="store_true", help="reuse a finished MLflow run of the same name")
+    parser.add_argument(
+        "--select",
+        nargs="+",
+        default=["val-auc"],
+        choices=["val-auc", "group-mean", "last"],
+        help="checkpoint(s) to test: val-auc = best epoch by val mean AUC over all users (the config's "
+        "rule); group-mean = best epoch by the mean of the new-user and regular-user val AUC (click and "
+        "like); last = the last epoch (a fixed budget, no selection). group-mean and last come from one "
+        "fit per (variant, seed), run name suffix -sel, plus one `rec-dist test` of its last.ckpt (-sel-last)",
+    )
     parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlruns.db'}")
     args = parser.parse_args()
 
@@ -153,10 +191,14 @@ def main() -> None:
 
     data = ensure_data(args.data)
     mlflow.set_tracking_uri(args.tracking_uri)
+    # the fits import GroupMeanCheckpoint from this module
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
     start = time.perf_counter()
-    rows = []
+    tables = {rule: [] for rule in args.select}
+    epochs_chosen = []  # (variant, [(val-auc epoch, group-mean epoch) per seed])
     for variant in args.variants:
-        results = []
+        results = {rule: [] for rule in args.select}
+        chosen = []
         for seed in args.seeds:
             prefix = "" if args.data == "30pct" else f"{args.data}-"  # 30pct: the first runs' names
             run_name = f"{prefix}{args.base}-{variant}-e{args.epochs}-b{args.batch_size}-seed{seed}"
@@ -171,16 +213,87 @@ def main() -> None:
                 "--seed_everything", str(seed),
                 *knobs,
             ]  # fmt: skip
-            run = tracked_fit(fit_args, EXPERIMENT, run_name, args.tracking_uri, reuse=args.reuse)
-            results.append(run.data.metrics)
-        rows.append((variant, results))
+            if "val-auc" in args.select:
+                run = tracked_fit(fit_args, EXPERIMENT, run_name, args.tracking_uri, reuse=args.reuse)
+                results["val-auc"].append(run.data.metrics)
+            if {"group-mean", "last"} & set(args.select):
+                ckpt_dir = ROOT / "data" / "cold-start-ckpt" / f"{run_name}-sel"
+                # the first ModelCheckpoint is the one `rec-dist fit` tests; the second keeps the latest epoch
+                # (monitor "epoch": Lightning 2.6 rewrites last.ckpt only when a top-k checkpoint was saved)
+                callbacks = [
+                    {"class_path": "cold_start.GroupMeanCheckpoint",
+                     "init_args": {"dirpath": str(ckpt_dir), "monitor": GROUP_MEAN, "mode": "max",
+                                   "filename": "group-mean-{epoch}"}},
+                    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                     "init_args": {"dirpath": str(ckpt_dir), "monitor": "epoch", "mode": "max",
+                                   "filename": "latest-{epoch}"}},
+                ]  # fmt: skip
+                sel_args = [*fit_args, "--trainer.callbacks", json.dumps(callbacks)]
+                run = tracked_fit(sel_args, EXPERIMENT, f"{run_name}-sel", args.tracking_uri, reuse=args.reuse)
+                if "group-mean" in args.select:
+                    results["group-mean"].append(run.data.metrics)
+                chosen.append(_chosen_epochs(run.info.run_id))
+                if "last" in args.select:
+                    last = find_run(EXPERIMENT, f"{run_name}-sel-last") if args.reuse else None
+                    if last is None:
+                        last_ckpt = ckpt_dir / f"latest-epoch={args.epochs - 1}.ckpt"
+                        last = _test_checkpoint(fit_args, last_ckpt, f"{run_name}-sel-last", args.tracking_uri)
+                    results["last"].append(last.data.metrics)
+        for rule in args.select:
+            tables[rule].append((variant, results[rule]))
+        if chosen:
+            epochs_chosen.append((variant, chosen))
     minutes = (time.perf_counter() - start) / 60
 
     bayes = bayes_auc_by_group(data)
+    names = {"val-auc": "best epoch by val AUC, all users", "group-mean": "best epoch by mean of new/regular val AUC",
+             "last": f"last epoch ({args.epochs})"}  # fmt: skip
+    for rule in args.select:
+        print(f"\ncheckpoint: {names[rule]}")
+        _print_table(args, tables[rule], bayes, minutes)
+    if epochs_chosen:
+        print("\nepoch (1-based) that each rule picks, per seed: val AUC all users / mean of new and regular val AUC")
+        for variant, chosen in epochs_chosen:
+            print(variant, " ".join(f"{a}/{b}" for a, b in chosen))
+
+
+def _chosen_epochs(run_id: str) -> tuple[int, int]:
+    """Epochs (1-based) of the best val/auc and of the best mean of val/<task>/{new,regular}/auc in a run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    keys = [k for k in run.data.metrics if k.startswith("val/") and k.endswith(("/new/auc", "/regular/auc"))]
+
+    def series(key):
+        return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+    overall = series("val/auc")
+    groups = [series(k) for k in keys]
+    mean = [statistics.mean(vals) for vals in zip(*groups, strict=True)]
+    return overall.index(max(overall)) + 1, mean.index(max(mean)) + 1
+
+
+def _test_checkpoint(fit_args: list[str], ckpt: Path, run_name: str, tracking_uri: str):
+    """``rec-dist test`` of checkpoint ``ckpt`` with the fit's config, as MLflow run ``run_name``."""
+    print(f"testing {run_name} ...", file=sys.stderr, flush=True)
+    command = [
+        str(ROOT / ".venv" / "bin" / "rec-dist"), "test", *fit_args,
+        "--ckpt_path", str(ckpt), "--weights_only", "false",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.experiment_name", EXPERIMENT,
+        "--trainer.logger.init_args.run_name", run_name,
+        "--trainer.logger.init_args.tracking_uri", tracking_uri,
+    ]  # fmt: skip
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return find_run(EXPERIMENT, run_name)
+
+
+def _print_table(args, rows, bayes, minutes) -> None:
     keys = ("test/click/new/auc", "test/click/regular/auc", "test/click/auc")
     base = dict(rows).get("base")
     print(
-        f"\ndata {args.data}, base model {args.base}, {args.epochs} epochs, batch {args.batch_size}, "
+        f"data {args.data}, base model {args.base}, {args.epochs} epochs, batch {args.batch_size}, "
         f"seeds {args.seeds}, {minutes:.1f} min; mean ± std over seeds; Δ = mean ± std of per-seed differences "
         "to the base model; new up = seeds where the new-user AUC rose; reg ok = seeds where the regular AUC "
         "fell by at most 0.005"
