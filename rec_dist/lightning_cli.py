@@ -23,7 +23,10 @@ def _trainer_defaults() -> dict:
         "logger": {"class_path": "rec_dist.tracking.mlflow.MLflowLogger"},
         "callbacks": [
             RunPlots(),
-            ModelCheckpoint(monitor="val/auc", mode="max", filename="best-{epoch}", save_last=True),
+            ModelCheckpoint(monitor="val/auc", mode="max", filename="best-{epoch}"),
+            # The newest epoch and last.ckpt: a monitored callback rewrites last.ckpt only when it saved a
+            # new best (Lightning 2.6), so resuming from it would go back to the best epoch.
+            ModelCheckpoint(filename="latest-{epoch}", save_top_k=1, save_last=True),
         ],
         "max_epochs": 5,
         "log_every_n_steps": 10,

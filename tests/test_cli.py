@@ -150,6 +150,21 @@ def test_resumed_fit_continues_exactly(tmp_path, synth_dir):
     )
 
 
+def test_last_ckpt_is_the_newest_epoch_even_when_it_is_not_the_best(tmp_path, synth_dir):
+    """lr 0: val AUC never improves after epoch 0, so the best checkpoint stays at epoch 0, while
+    last.ckpt (what a resume starts from) must hold the final epoch."""
+    import torch
+
+    config = str(_config(tmp_path, synth_dir, epochs=3))
+    main(["fit", "--config", config, "--test_after_fit", "false", "--model.init_args.optimizer.init_args.lr", "0.0"])
+    (run,) = _runs(tmp_path)
+    ckpt_dir = tmp_path / "ckpt" / run.info.experiment_id / run.info.run_id / "checkpoints"
+    (best,) = ckpt_dir.glob("best-*.ckpt")
+    assert best.name == "best-epoch=0.ckpt"
+    last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 2 and last["global_step"] > torch.load(best, weights_only=False)["global_step"]
+
+
 def test_one_lr_scheduler_drives_fused_and_dense_optimizers(synth_dir):
     import lightning.pytorch as pl
     import torch
