@@ -61,6 +61,11 @@ class RayRun:
     result: Any
 
 
+def resolve_tracking_uri(flag: str | None, configured: str | None) -> str:
+    """The MLflow store of a Ray run: ``--tracking_uri``, else the config's logger, else the default; absolute."""
+    return absolute_tracking_uri(flag or configured or default_tracking_uri())
+
+
 def absolute_tracking_uri(uri: str) -> str:
     """``sqlite:///rel.db`` -> ``sqlite:////abs/rel.db``: workers do not share the driver's directory."""
     prefix = "sqlite:///"
@@ -130,7 +135,7 @@ def run_on_ray(config: str, cli_args: Sequence[str], settings: RayTrainSettings,
         raise ValueError(f"--num_workers must be >= 1, got {settings.num_workers}")
     experiment, configured_name, configured_uri = logger_names(config, cli_args)
     run_name = run_name or configured_name
-    tracking_uri = absolute_tracking_uri(settings.tracking_uri or configured_uri or default_tracking_uri())
+    tracking_uri = resolve_tracking_uri(settings.tracking_uri, configured_uri)
     if "runtime_resources" in os.getcwd() and tracking_uri.startswith("sqlite:"):
         print(f"warning: MLflow store {tracking_uri} lies in Ray's temporary copy of the working directory; "
               "pass --tracking_uri (an http:// server or an absolute sqlite:////path)", file=sys.stderr)

@@ -16,6 +16,7 @@ table and the best config; every trial is a child run (tag
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,9 +31,9 @@ import yaml
 from rec_dist.tune.overrides import load_training_config, write_best_config
 from rec_dist.tune.ray_train import (
     RayTrainSettings,
-    absolute_tracking_uri,
     create_mlflow_run,
     logger_names,
+    resolve_tracking_uri,
     run_on_ray,
 )
 from rec_dist.tune.space import SearchSpace, load_space
@@ -84,10 +85,8 @@ def tune(space_path: str, config: str | None, cli_args: Sequence[str], settings:
     train_config = load_training_config(config_path)
     train = settings.train or RayTrainSettings(num_workers=1)
     experiment, _, configured_uri = logger_names(str(config_path), cli_args)
-    from rec_dist.tracking.mlflow import default_tracking_uri
-
-    tracking_uri = absolute_tracking_uri(train.tracking_uri or configured_uri or default_tracking_uri())
-    train = RayTrainSettings(**{**train.__dict__, "tracking_uri": tracking_uri})
+    tracking_uri = resolve_tracking_uri(train.tracking_uri, configured_uri)
+    train = dataclasses.replace(train, tracking_uri=tracking_uri)
     parent = create_mlflow_run(tracking_uri, experiment, f"tune-{space.name}", None,
                                {"rec_dist.study": space.name, "rec_dist.space": str(space.path)})
     _log_study_start(tracking_uri, parent, space, config_path, settings)
@@ -145,9 +144,9 @@ def _trial_function(space: SearchSpace, train_config: dict, cli_args: list[str],
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{trial_name}.yaml"
             path.write_text(yaml.safe_dump(apply_overrides(train_config, overrides), sort_keys=False))
-            settings = RayTrainSettings(**{**train.__dict__, "storage_path": storage, "name": trial_name,
-                                           "tags": {"rec_dist.trial": trial_name,
-                                                    "rec_dist.overrides": json.dumps(overrides)[:5000]}})
+            settings = dataclasses.replace(train, storage_path=storage, name=trial_name,
+                                           tags={"rec_dist.trial": trial_name,
+                                                 "rec_dist.overrides": json.dumps(overrides)[:5000]})
             run_on_ray(str(path), cli_args, settings, parent_run_id=parent, run_name=trial_name,
                        run_config_callbacks=[TuneReportCallback()])
 
