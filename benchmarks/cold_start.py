@@ -29,6 +29,9 @@ the few new users count as much as the regular ones; ``last`` the last epoch, no
 training budget for every variant). Both come from one fit per (variant, seed), run ``<name>-sel``,
 whose own test is the group-mean checkpoint, plus a ``rec-dist test`` of its last epoch (``<name>-sel-last``);
 checkpoints under ``data/cold-start-ckpt/``. The script also prints the epoch each rule picked.
+``--test-epochs E ...`` (with ``--select last``) keeps every epoch's checkpoint of those fits and tests the
+ones after epochs E as well (runs ``<name>-sel-at<E>``; E = ``--epochs`` is ``<name>-sel-last``): fixed
+budgets of E epochs from one fit each, as training has no learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -184,8 +187,18 @@ def main() -> None:
         "like); last = the last epoch (a fixed budget, no selection). group-mean and last come from one "
         "fit per (variant, seed), run name suffix -sel, plus one `rec-dist test` of its last.ckpt (-sel-last)",
     )
+    parser.add_argument(
+        "--test-epochs",
+        type=int,
+        nargs="+",
+        default=None,
+        help="with --select last: also test the checkpoints after these epochs (1-based, at most --epochs)",
+    )
     parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlruns.db'}")
     args = parser.parse_args()
+    test_epochs = sorted(set(args.test_epochs or [args.epochs]))
+    if args.test_epochs and ("last" not in args.select or not all(1 <= e <= args.epochs for e in test_epochs)):
+        parser.error(f"--test-epochs {args.test_epochs}: needs --select last and epochs in 1..{args.epochs}")
 
     import mlflow
 
@@ -194,10 +207,12 @@ def main() -> None:
     # the fits import GroupMeanCheckpoint from this module
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
     start = time.perf_counter()
-    tables = {rule: [] for rule in args.select}
+    fixed = [_last_rule(e, args.epochs) for e in test_epochs] if "last" in args.select else []
+    rules = [r for r in args.select if r != "last"] + fixed
+    tables = {rule: [] for rule in rules}
     epochs_chosen = []  # (variant, [(val-auc epoch, group-mean epoch) per seed])
     for variant in args.variants:
-        results = {rule: [] for rule in args.select}
+        results = {rule: [] for rule in rules}
         chosen = []
         for seed in args.seeds:
             prefix = "" if args.data == "30pct" else f"{args.data}-"  # 30pct: the first runs' names
@@ -226,20 +241,22 @@ def main() -> None:
                                    "filename": "group-mean-{epoch}"}},
                     {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                      "init_args": {"dirpath": str(ckpt_dir), "monitor": "epoch", "mode": "max",
-                                   "filename": "latest-{epoch}"}},
+                                   "filename": "latest-{epoch}", "save_top_k": -1 if args.test_epochs else 1}},
                 ]  # fmt: skip
                 sel_args = [*fit_args, "--trainer.callbacks", json.dumps(callbacks)]
                 run = tracked_fit(sel_args, EXPERIMENT, f"{run_name}-sel", args.tracking_uri, reuse=args.reuse)
                 if "group-mean" in args.select:
                     results["group-mean"].append(run.data.metrics)
                 chosen.append(_chosen_epochs(run.info.run_id))
-                if "last" in args.select:
-                    last = find_run(EXPERIMENT, f"{run_name}-sel-last") if args.reuse else None
+                for epoch in test_epochs if "last" in args.select else []:
+                    rule = _last_rule(epoch, args.epochs)
+                    name = f"{run_name}-sel-{rule.replace(' ', '')}"
+                    last = find_run(EXPERIMENT, name) if args.reuse else None
                     if last is None:
-                        last_ckpt = ckpt_dir / f"latest-epoch={args.epochs - 1}.ckpt"
-                        last = _test_checkpoint(fit_args, last_ckpt, f"{run_name}-sel-last", args.tracking_uri)
-                    results["last"].append(last.data.metrics)
-        for rule in args.select:
+                        ckpt = ckpt_dir / f"latest-epoch={epoch - 1}.ckpt"
+                        last = _test_checkpoint(fit_args, ckpt, name, args.tracking_uri)
+                    results[rule].append(last.data.metrics)
+        for rule in rules:
             tables[rule].append((variant, results[rule]))
         if chosen:
             epochs_chosen.append((variant, chosen))
@@ -248,13 +265,19 @@ def main() -> None:
     bayes = bayes_auc_by_group(data)
     names = {"val-auc": "best epoch by val AUC, all users", "group-mean": "best epoch by mean of new/regular val AUC",
              "last": f"last epoch ({args.epochs})"}  # fmt: skip
-    for rule in args.select:
+    names.update({_last_rule(e, args.epochs): f"after epoch {e} of {args.epochs}" for e in test_epochs})
+    for rule in rules:
         print(f"\ncheckpoint: {names[rule]}")
         _print_table(args, tables[rule], bayes, minutes)
     if epochs_chosen:
         print("\nepoch (1-based) that each rule picks, per seed: val AUC all users / mean of new and regular val AUC")
         for variant, chosen in epochs_chosen:
             print(variant, " ".join(f"{a}/{b}" for a, b in chosen))
+
+
+def _last_rule(epoch: int, epochs: int) -> str:
+    """Name of the fixed-budget rule "test after ``epoch``": ``last`` for the fit's last epoch, else ``at <epoch>``."""
+    return "last" if epoch == epochs else f"at {epoch}"
 
 
 def _chosen_epochs(run_id: str) -> tuple[int, int]:
