@@ -10,6 +10,7 @@ import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from rec_dist.cli import main
@@ -117,6 +118,18 @@ def test_test_validate_predict_from_the_best_checkpoint(tmp_path, synth_dir, mon
     assert predictions.column("user_id").to_pylist() == test.column("user_id").to_pylist()  # unshuffled order
     auc = roc_auc_score(test.column("click").to_numpy(), predictions.column("click").to_numpy())
     assert auc == pytest.approx(fit_run.data.metrics["test/auc"], abs=1e-5)
+
+
+def test_embedding_dim_from_the_data_config_reaches_the_tables(tmp_path, synth_dir):
+    config = str(_config(tmp_path, synth_dir, epochs=1))
+    main(["fit", "--config", config, "--data.init_args.embedding_dim", "4"])
+    (checkpoint,) = (tmp_path / "ckpt").rglob("best-*.ckpt")
+    state = torch.load(checkpoint, weights_only=False)["state_dict"]
+    shapes = {tuple(v.shape) for k, v in state.items() if k.endswith(".weight") and "embedding" in k}
+    assert shapes and {dim for _, dim in shapes} == {4}  # the schema says 16 for every table
+    with pytest.raises(RuntimeError, match=r"size mismatch for model\.embeddings"):  # 16-dim tables from the schema
+        main(["test", "--config", config, "--ckpt_path", str(checkpoint)])
+    main(["test", "--config", config, "--data.init_args.embedding_dim", "4", "--ckpt_path", str(checkpoint)])
 
 
 def test_fit_with_fused_sparse_optimizer_learns(tmp_path, synth_dir):

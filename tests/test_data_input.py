@@ -123,3 +123,15 @@ def test_schema_round_trip(tmp_path, schema):
     schema.save(tmp_path / "s.yaml")
     assert Schema.load(tmp_path / "s.yaml") == schema
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_embedding_dim_override_for_all_or_some_tables(schema):
+    every = schema.with_embedding_dims(4)
+    assert {name: t.embedding_dim for name, t in every.tables.items()} == {"user": 4, "item": 4, "genre": 4}
+    some = schema.with_embedding_dims({"item": 32})
+    assert {name: t.embedding_dim for name, t in some.tables.items()} == {"user": 8, "item": 32, "genre": 8}
+    assert some.tables["item"].num_embeddings == 100 and some.features == schema.features
+    with pytest.raises(SchemaError, match=r"data\.init_args\.embedding_dim: unknown table\(s\) \['itme'\]"):
+        schema.with_embedding_dims({"itme": 8}, "data.init_args.embedding_dim")
+    with pytest.raises(SchemaError, match=r"dim of table 'user' must be a positive integer, got 0"):
+        schema.with_embedding_dims({"user": 0})

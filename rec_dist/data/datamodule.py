@@ -53,6 +53,8 @@ class ParquetDataModule(pl.LightningDataModule):
     schema file's directory. ``features`` restricts the schema (and what is
     read from disk) to those columns. ``predict`` defaults to the test split.
     Rows are split evenly over ranks and ``num_workers`` loader processes.
+    ``embedding_dim`` overrides the schema's table dims (one int for every table,
+    or ``{table: dim}``), so a config or a tuning space can change them.
     """
 
     def __init__(
@@ -68,12 +70,15 @@ class ParquetDataModule(pl.LightningDataModule):
         shuffle_buffer_rows: int = 1 << 20,
         seed: int = 0,
         features: list[str] | None = None,
+        embedding_dim: int | dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.schema_path = Path(schema_path)
         self.schema = Schema.load(self.schema_path)
         if features is not None:
             self.schema = self.schema.select(features)
+        if embedding_dim is not None:
+            self.schema = self.schema.with_embedding_dims(embedding_dim, "data.init_args.embedding_dim")
         self.splits = {"train": train, "val": val, "test": test, "predict": predict}
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -150,6 +155,7 @@ class MovieLens100k(ParquetDataModule):
         shuffle_buffer_rows: int = 1 << 20,
         seed: int = 0,
         features: list[str] | None = None,
+        embedding_dim: int | dict[str, int] | None = None,
     ) -> None:
         from rec_dist.data.movielens import prepare_movielens_100k
 
@@ -167,4 +173,5 @@ class MovieLens100k(ParquetDataModule):
             shuffle_buffer_rows=shuffle_buffer_rows,
             seed=seed,
             features=features,
+            embedding_dim=embedding_dim,
         )

@@ -236,6 +236,7 @@ class MovieLens100kMultiTask(ParquetDataModule):
         shuffle_buffer_rows: int = 1 << 20,
         seed: int = 0,
         features: list[str] | None = None,
+        embedding_dim: int | dict[str, int] | None = None,
     ) -> None:
         root = prepare_movielens_100k_multitask(data_dir, negatives_per_positive, sample_seed, new_user_below)
         super().__init__(
@@ -249,4 +250,5 @@ class MovieLens100kMultiTask(ParquetDataModule):
             shuffle_buffer_rows=shuffle_buffer_rows,
             seed=seed,
             features=features,
+            embedding_dim=embedding_dim,
         )

@@ -25,7 +25,8 @@ truncated to its ``max_len`` most recent events.
 from __future__ import annotations
 
 import os
-from dataclasses import MISSING, asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,24 @@ class Schema:
         chosen = {name: self.feature(name) for name in features}
         tables = {f.table: self.tables[f.table] for f in chosen.values() if f.table is not None}
         return Schema(self.name, tables, chosen, self.labels, self.extra)
+
+    def with_embedding_dims(self, dims: int | Mapping[str, int], source: str = "embedding_dim") -> Schema:
+        """The schema with table dims replaced: one int for every table, or ``{table: dim}`` for some.
+
+        Lets a training config (and a tuning space) change dims without rewriting the prepared
+        ``schema.yaml``; ``source`` names the config key in errors.
+        """
+        wanted = dict(dims) if isinstance(dims, Mapping) else dict.fromkeys(self.tables, dims)
+        unknown = sorted(set(wanted) - set(self.tables))
+        if unknown:
+            raise SchemaError(
+                f"{source}: unknown table(s) {unknown} in schema {self.name!r}; tables: {sorted(self.tables)}"
+            )
+        for table, dim in wanted.items():
+            if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
+                raise SchemaError(f"{source}: dim of table {table!r} must be a positive integer, got {dim!r}")
+        tables = {name: replace(t, embedding_dim=wanted.get(name, t.embedding_dim)) for name, t in self.tables.items()}
+        return Schema(self.name, tables, self.features, self.labels, self.extra)
 
     @property
     def columns(self) -> list[str]:
