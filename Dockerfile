@@ -10,7 +10,7 @@
 # VARIANT=gpu: torch 2.13.0 from PyPI (CUDA build) + fbgemm-gpu 1.8.0.
 # VARIANT=cpu: torch 2.13.0 from the PyTorch CPU index + fbgemm-gpu-cpu 1.8.0.
 # Keep TORCH_VERSION / TORCHREC_VERSION / RAY_VERSION equal to pyproject.toml, the Makefile
-# and `rayVersion` in k8s/base/raycluster.yaml (tests/test_k8s_manifests.py checks it).
+# and `rayVersion` in k8s/base/raycluster.yaml (tests/test_k8s_manifests_cluster.py checks it).
 # For reproducible rebuilds, pin the base image by digest as well (python:3.11.13-slim-bookworm@sha256:...).
 FROM python:3.11.13-slim-bookworm
 

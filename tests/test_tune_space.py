@@ -1,8 +1,10 @@
-"""The search-space language of `rec-dist tune` (rec_dist.tune.space / overrides) and the shipped tune_spaces/."""
+"""The search-space language of `rec-dist tune` (rec_dist.tune.space): distributions, conditions, errors.
+
+The overrides a trial's draw becomes, and the shipped tune_spaces/, are in test_tune_space_overrides.py.
+"""
 
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 
@@ -10,28 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
-from rec_dist.tune.overrides import (
-    OverrideError,
-    apply_overrides,
-    load_training_config,
-    validate_training_config,
-    write_best_config,
-)
 from rec_dist.tune.space import SearchSpace, SpaceError, load_space, parse_space
-
-ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = sorted((ROOT / "tune_spaces").glob("*.yaml"))
-DRAWS = 3  # seeded draws per shipped space checked against the CLI parser and the model classes
-
-BAL = "model.init_args.balancer.class_path"
-ALPHA = "model.init_args.balancer.init_args.alpha"
-WEIGHT = "model.init_args.tasks.like.weight"
-MIN_W = "model.init_args.balancer.init_args.min_weight"
-LR = "model.init_args.optimizer.init_args.lr"
-EXPERTS = "model.init_args.model.init_args.num_experts"
-DROPOUT = "model.init_args.model.init_args.dropout"
-HIDDEN = "model.init_args.model.init_args.expert_hidden"
-STATIC, GRADNORM, DWA = "rec_dist.losses.StaticWeights", "rec_dist.losses.GradNorm", "rec_dist.losses.DWA"
+from tests.tune_space_keys import ALPHA, BAL, DROPOUT, DWA, EXPERTS, GRADNORM, HIDDEN, LR, MIN_W, STATIC, WEIGHT
 
 
 def space_of(params: dict, tmp_path: Path | None = None, **top) -> SearchSpace:
@@ -127,7 +109,7 @@ def test_random_search_conditions_inactive_never_active_always():
     seen = set()
     rng = np.random.default_rng(0)
     for _ in range(300):
-        (_, config), = list(generate_variants(space.to_ray(), random_state=rng))
+        ((_, config),) = list(generate_variants(space.to_ray(), random_state=rng))
         assert set(CONDITIONAL) <= set(config)  # Ray draws everything ...
         resolved = space.resolve(config)  # ... resolve keeps the active ones
         assert set(resolved) == _expected_active(config)
@@ -137,15 +119,21 @@ def test_random_search_conditions_inactive_never_active_always():
 
 
 def test_sample_honours_conditions_and_format_derives():
-    space = space_of(CONDITIONAL | {
-        "data.init_args.new_user_below": {"choice": [5, 20]},
-        "data.init_args.data_dir": {"format": "data/tune/nub-{data.init_args.new_user_below}-{" + BAL + "}"},
-        "trainer.max_epochs": {"value": 3, "when": {BAL: DWA}},
-    })
+    space = space_of(
+        CONDITIONAL
+        | {
+            "data.init_args.new_user_below": {"choice": [5, 20]},
+            "data.init_args.data_dir": {"format": "data/tune/nub-{data.init_args.new_user_below}-{" + BAL + "}"},
+            "trainer.max_epochs": {"value": 3, "when": {BAL: DWA}},
+        }
+    )
     for seed in range(200):
         out = space.sample(seed)
-        assert set(out) - {"data.init_args.new_user_below", "data.init_args.data_dir", "trainer.max_epochs"} \
-            == _expected_active(out)
+        assert set(out) - {
+            "data.init_args.new_user_below",
+            "data.init_args.data_dir",
+            "trainer.max_epochs",
+        } == _expected_active(out)
         assert out["data.init_args.data_dir"] == f"data/tune/nub-{out['data.init_args.new_user_below']}-{out[BAL]}"
         assert ("trainer.max_epochs" in out) == (out[BAL] == DWA)
 
@@ -168,8 +156,11 @@ def test_optuna_define_by_run_suggests_only_active_parameters():
 
     study.optimize(objective, n_trials=25)
     assert {r[BAL] for r in results} == {STATIC, GRADNORM, DWA}
-    features = [r["model.init_args.model.init_args.lhuc_features"] for r in results
-                if "model.init_args.model.init_args.lhuc_features" in r]
+    features = [
+        r["model.init_args.model.init_args.lhuc_features"]
+        for r in results
+        if "model.init_args.model.init_args.lhuc_features" in r
+    ]
     assert features and all(isinstance(f, list) for f in features)  # JSON labels decoded back to lists
 
 
@@ -200,17 +191,20 @@ def test_grid_expands_to_the_product_of_its_lengths_times_num_samples():
     from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.variant_generator import generate_variants
 
-    space = space_of({
-        EXPERTS: {"grid": [2, 4]},
-        HIDDEN: {"grid": [[64], [128, 64], [256]]},
-        LR: {"loguniform": [1e-4, 1e-2]},
-        ALPHA: {"uniform": [0.5, 2.0], "when": {EXPERTS: 4}},
-    })
+    space = space_of(
+        {
+            EXPERTS: {"grid": [2, 4]},
+            HIDDEN: {"grid": [[64], [128, 64], [256]]},
+            LR: {"loguniform": [1e-4, 1e-2]},
+            ALPHA: {"uniform": [0.5, 2.0], "when": {EXPERTS: 4}},
+        }
+    )
     assert space.grid_size() == 6
     variants = [config for _, config in generate_variants(space.to_ray())]
     assert len(variants) == 6
-    assert {(v[EXPERTS], tuple(v[HIDDEN])) for v in variants} == {(e, tuple(h)) for e in (2, 4)
-                                                                   for h in ([64], [128, 64], [256])}
+    assert {(v[EXPERTS], tuple(v[HIDDEN])) for v in variants} == {
+        (e, tuple(h)) for e in (2, 4) for h in ([64], [128, 64], [256])
+    }
     assert sum(ALPHA in space.resolve(v) for v in variants) == 3
 
     generator = BasicVariantGenerator(random_state=0)
@@ -237,13 +231,18 @@ BAD = [
     ({BAL: {"choice": [STATIC, STATIC]}}, BAL, "twice"),
     ({LR: {"uniform": [0.1, 1.0], "choice": [1]}}, LR, "exactly one distribution"),
     ({ALPHA: {"uniform": [0.5, 2.0], "when": {BAL: GRADNORM}}}, ALPHA, f"refers to '{BAL}', which is not a parameter"),
-    ({BAL: {"choice": [STATIC, DWA]}, ALPHA: {"uniform": [0.5, 2.0], "when": {BAL: GRADNORM}}}, ALPHA,
-     "cannot take"),
+    ({BAL: {"choice": [STATIC, DWA]}, ALPHA: {"uniform": [0.5, 2.0], "when": {BAL: GRADNORM}}}, ALPHA, "cannot take"),
     ({EXPERTS: {"int": [2, 8]}, ALPHA: {"uniform": [0.5, 2.0], "when": {EXPERTS: 9}}}, ALPHA, "cannot take"),
-    ({LR: {"uniform": [0.1, 1.0]}, ALPHA: {"uniform": [0.5, 2.0], "when": {LR: 0.5}}}, ALPHA,
-     "a uniform parameter"),
-    ({"a": {"choice": [1, 2], "when": {"b": 1}}, "b": {"choice": [1, 2], "when": {"c": 1}},
-      "c": {"choice": [1, 2], "when": {"a": 2}}}, "a", "cycle"),
+    ({LR: {"uniform": [0.1, 1.0]}, ALPHA: {"uniform": [0.5, 2.0], "when": {LR: 0.5}}}, ALPHA, "a uniform parameter"),
+    (
+        {
+            "a": {"choice": [1, 2], "when": {"b": 1}},
+            "b": {"choice": [1, 2], "when": {"c": 1}},
+            "c": {"choice": [1, 2], "when": {"a": 2}},
+        },
+        "a",
+        "cycle",
+    ),
     ({EXPERTS: {"grid": [2, 4], "when": {BAL: STATIC}}, BAL: {"choice": [STATIC]}}, EXPERTS, "grid cannot have"),
     ({"x": {"format": "dir-{nope}"}}, "x", "'nope', which is not a parameter"),
     ({"a..b": {"value": 1}}, "a..b", "dotted path"),
@@ -259,13 +258,16 @@ def test_bad_space_errors_name_file_and_key(tmp_path, params, key, message):
     assert str(tmp_path / "space.yaml") in text and key in text and message in text, text
 
 
-@pytest.mark.parametrize(("top", "message"), [
-    ({"metric": None}, "missing 'metric'"),
-    ({"mode": None}, "missing 'mode'"),
-    ({"mode": "maximize"}, "mode must be min or max"),
-    ({"params": None}, "missing 'params'"),
-    ({"paramz": {}}, "unknown top-level key"),
-])
+@pytest.mark.parametrize(
+    ("top", "message"),
+    [
+        ({"metric": None}, "missing 'metric'"),
+        ({"mode": None}, "missing 'mode'"),
+        ({"mode": "maximize"}, "mode must be min or max"),
+        ({"params": None}, "missing 'params'"),
+        ({"paramz": {}}, "unknown top-level key"),
+    ],
+)
 def test_bad_top_level_errors_name_the_file(tmp_path, top, message):
     raw = {"metric": "val/auc", "mode": "max", "params": {LR: {"uniform": [0.1, 1.0]}}} | top
     path = tmp_path / "top.yaml"
@@ -283,175 +285,3 @@ def test_duplicate_keys_and_yaml_float_strings(tmp_path):
     assert str(path) in str(err.value) and LR in str(err.value)
     path.write_text(f"metric: m\nmode: min\nparams:\n  {LR}: {{loguniform: [1e-4, 1e-2]}}\n")  # YAML: strings
     assert load_space(path).params[LR].low == 1e-4
-
-
-# ---------------------------------------------------------------------------------------------------
-# overrides
-# ---------------------------------------------------------------------------------------------------
-BASE = {
-    "model": {
-        "class_path": "rec_dist.tasks.multitask.MultiTaskTask",
-        "init_args": {
-            "model": {"class_path": "rec_dist.models.MMoE",
-                      "init_args": {"num_experts": 4, "expert_hidden": [128, 64], "poso": None}},
-            "balancer": {"class_path": DWA, "init_args": {"temperature": 3.0}},
-            "tasks": {"click": {"label": "click", "weight": 1.0}},
-            "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.001}},
-        },
-    },
-    "trainer": {"callbacks": [{"class_path": "x.EarlyStopping", "init_args": {"patience": 2}}], "max_epochs": 4},
-}
-
-
-def test_apply_overrides_sets_nested_keys_on_a_copy():
-    out = apply_overrides(BASE, {LR: 0.01, WEIGHT: 2.0, "trainer.callbacks.0.init_args.patience": 5,
-                                 "model.init_args.lr_scheduler.init_args.gamma": 0.9})
-    assert out["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.01
-    assert out["model"]["init_args"]["tasks"]["like"] == {"weight": 2.0}  # created
-    assert out["model"]["init_args"]["tasks"]["click"] == {"label": "click", "weight": 1.0}
-    assert out["trainer"]["callbacks"][0]["init_args"]["patience"] == 5
-    assert out["model"]["init_args"]["lr_scheduler"] == {"init_args": {"gamma": 0.9}}
-    assert BASE["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.001  # the input is untouched
-    assert BASE["trainer"]["callbacks"][0]["init_args"]["patience"] == 2
-    hidden = [32]
-    out = apply_overrides(BASE, {HIDDEN: hidden})
-    hidden.append(1)
-    assert out["model"]["init_args"]["model"]["init_args"]["expert_hidden"] == [32]  # values are copied
-
-
-def test_apply_overrides_class_path_change_keeps_only_accepted_init_args():
-    # DWA -> GradNorm: `temperature` is not a GradNorm argument; alpha set by the same overrides (any order)
-    out = apply_overrides(BASE, {ALPHA: 2.0, BAL: GRADNORM})
-    assert out["model"]["init_args"]["balancer"] == {"class_path": GRADNORM, "init_args": {"alpha": 2.0}}
-    out = apply_overrides(BASE, {BAL: GRADNORM})
-    assert out["model"]["init_args"]["balancer"] == {"class_path": GRADNORM}
-    # the same class: init_args kept
-    out = apply_overrides(BASE, {BAL: DWA})
-    assert out["model"]["init_args"]["balancer"]["init_args"] == {"temperature": 3.0}
-    # MMoE -> PLE keeps the arguments PLE has too
-    out = apply_overrides(BASE, {"model.init_args.model.class_path": "rec_dist.models.PLE",
-                                 "model.init_args.model.init_args.num_levels": 2})
-    assert out["model"]["init_args"]["model"]["init_args"] == {"expert_hidden": [128, 64], "poso": None,
-                                                               "num_levels": 2}
-    # a class that cannot be imported keeps nothing
-    out = apply_overrides(BASE, {BAL: "no.such.Balancer"})
-    assert out["model"]["init_args"]["balancer"] == {"class_path": "no.such.Balancer"}
-    # short form `balancer: Class` is a class_path
-    short = apply_overrides(BASE, {"model.init_args.balancer": "rec_dist.losses.PCGrad"})
-    out = apply_overrides(short, {"model.init_args.balancer.init_args.seed": 3})
-    assert out["model"]["init_args"]["balancer"] == {"class_path": "rec_dist.losses.PCGrad", "init_args": {"seed": 3}}
-
-
-@pytest.mark.parametrize(("key", "message"), [
-    ("model.init_args.optimizer.init_args.lr.value", "'model.init_args.optimizer.init_args.lr' is a float"),
-    ("trainer.max_epochs.x", "'trainer.max_epochs' is a int"),
-    ("trainer.callbacks.patience", "'trainer.callbacks' is a list"),
-    ("trainer.callbacks.3.init_args", "'trainer.callbacks' is a list of 1; '3' is not an index"),
-    ("model.class_path.x", "'model.class_path' is a str"),
-])
-def test_apply_overrides_into_a_non_mapping_names_the_key(key, message):
-    with pytest.raises(OverrideError) as err:
-        apply_overrides(BASE, {key: 1})
-    assert key in str(err.value) and message in str(err.value), str(err.value)
-
-
-def test_write_best_config_is_atomic_and_says_where_it_came_from(tmp_path):
-    src = ROOT / "configs" / "multitask" / "mmoe.yaml"
-    out = tmp_path / "best" / "mmoe_best.yaml"
-    overrides = {BAL: GRADNORM, ALPHA: 1.25, LR: 0.003}
-    assert write_best_config(src, overrides, out, study="weights", metric="val/auc", mode="max", score=0.8123) == out
-    text = out.read_text()
-    assert text.startswith("# Best trial of the rec-dist tune study weights\n# ranked by val/auc (max): 0.8123\n")
-    assert f"#   {ALPHA}: 1.25" in text
-    config = yaml.safe_load(text)
-    assert config == apply_overrides(load_training_config(src), overrides)
-    assert [p.name for p in out.parent.iterdir()] == ["mmoe_best.yaml"]  # no temp file left
-    validate_training_config(config, str(out))
-
-
-def test_validate_training_config_reports_the_parser_error():
-    config = load_training_config(ROOT / "configs" / "multitask" / "mmoe.yaml")
-    with pytest.raises(OverrideError, match="the Lightning CLI rejects it") as err:
-        validate_training_config(apply_overrides(config, {EXPERTS: "four"}), "trial 3")
-    assert str(err.value).startswith("trial 3:") and "num_experts" in str(err.value)
-    with pytest.raises(OverrideError, match="temperature"):
-        validate_training_config(apply_overrides(config, {BAL: GRADNORM, "model.init_args.balancer.init_args"
-                                                          ".temperature": 2.0}))
-
-
-# ---------------------------------------------------------------------------------------------------
-# the shipped spaces
-# ---------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def schemas(tmp_path_factory):
-    """The multi-task and base MovieLens schemas, built from the tiny fake source (no network)."""
-    from rec_dist.data.movielens_multitask import prepare_movielens_100k_multitask
-    from rec_dist.data.schema import Schema
-    from tests.test_movielens import write_grouplens
-
-    root = tmp_path_factory.mktemp("tune-schemas")
-    mt = prepare_movielens_100k_multitask(root / "data", source_dir=write_grouplens(root / "src"))
-    return {"multitask": Schema.load(mt / "schema.yaml"), "base": Schema.load(mt.parent / "movielens-100k"
-                                                                               / "schema.yaml")}
-
-
-def _class(path: str):
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-def _build_model_and_balancer(config: dict, schemas: dict) -> None:
-    """Build what the spaces change that the parser cannot judge (feature names, gate values)."""
-    task = config["model"]["init_args"]
-    data = config["data"]
-    multitask = "tasks" in task
-    schema = schemas["multitask" if multitask or "MultiTask" in data["class_path"] else "base"]
-    names = list(task["tasks"]) if multitask else [task["label"]]
-    model = task["model"]
-    _class(model["class_path"])(schema, names, **model.get("init_args", {}))
-    if multitask and task.get("balancer"):
-        balancer = task["balancer"]
-        _class(balancer["class_path"])(**balancer.get("init_args", {})).setup(
-            names, {n: t.get("weight", 1.0) for n, t in task["tasks"].items()})
-
-
-def _make_active(space: SearchSpace, key: str, raw: dict) -> None:
-    for condition in space.params[key].when:
-        raw[condition.key] = condition.values[0]
-        _make_active(space, condition.key, raw)
-
-
-def test_every_shipped_space_loads_and_names_an_existing_config():
-    assert {p.name for p in SHIPPED} >= {"multitask_weights.yaml", "poso.yaml", "gates.yaml", "lr_dim.yaml"}
-    for path in SHIPPED:
-        space = load_space(path)
-        assert space.config and (ROOT / space.config).is_file(), path
-        assert space.metric.startswith("val/") and space.mode == "max"
-        assert space.to_ray()
-        if space.grid_size() == 1:
-            space.optuna_define_by_run()
-
-
-@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
-def test_shipped_space_draws_are_accepted_by_the_cli_and_build(path, schemas, monkeypatch):
-    import warnings
-
-    monkeypatch.chdir(ROOT)
-    space = load_space(path)
-    base = load_training_config(space.config)
-    rng = np.random.default_rng(0)
-    draws = [space.sample(rng) for _ in range(DRAWS)]
-    # and every option of every choice at least once, with its conditions made to hold
-    for key, p in space.params.items():
-        for option in p.options if p.kind == "choice" else ():
-            raw = {k: q.draw(rng) for k, q in space.params.items() if q.searched} | {key: option}
-            _make_active(space, key, raw)
-            resolved = space.resolve(raw)
-            assert resolved[key] == option
-            draws.append(resolved)
-    for i, overrides in enumerate(draws):
-        config = apply_overrides(base, overrides)
-        validate_training_config(config, f"{path.name} draw {i}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _build_model_and_balancer(config, schemas)

@@ -29,13 +29,14 @@ override dict of a trial (active parameters only, derived values added) that
 * Optuna TPE: ``optuna_define_by_run()`` suggests a parameter only when its
   condition holds and returns the resolved overrides.
 * Without Ray: ``sample(rng)`` (seeded checks, dry runs).
+
+Each parameter kind's domain (``Param``, ``Condition``) lives in
+``rec_dist.tune.space_params``; this module re-exports it.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,164 +46,41 @@ import numpy as np
 import yaml
 
 from rec_dist.data.errors import RecDistError
+from rec_dist.tune.space_params import (
+    DISCRETE,
+    FORMAT_REF,
+    KINDS,
+    SEARCHED,
+    Condition,
+    Param,
+    is_number,
+    plain_value,
+    same_value,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
 
+__all__ = [
+    "DISCRETE",
+    "KINDS",
+    "MODES",
+    "SEARCHED",
+    "TOP_KEYS",
+    "Condition",
+    "Param",
+    "SearchSpace",
+    "SpaceError",
+    "load_space",
+    "parse_space",
+]
+
 MODES = ("min", "max")
-KINDS = ("uniform", "loguniform", "int", "choice", "grid", "value", "format")
-SEARCHED = ("uniform", "loguniform", "int", "choice", "grid")  # what Ray / Optuna draw
-DISCRETE = ("choice", "grid", "int", "value")  # what a `when` may test
 TOP_KEYS = ("config", "name", "metric", "mode", "params", "description")
-_REF = re.compile(r"\{([^{}]+)\}")
 
 
 class SpaceError(RecDistError):
     """A search-space file is malformed; the message names the file and the key."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Parameters and conditions
-# ---------------------------------------------------------------------------------------------------
-def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars / arrays and tuples -> plain Python (what YAML and the CLI parser expect)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray | tuple | list):
-        return [_plain(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _same(a: Any, b: Any) -> bool:
-    """YAML-value equality that keeps ``True`` apart from ``1`` (and ``false`` from ``0``)."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a == b
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if _is_number(a) and _is_number(b):
-        return a == b
-    return type(a) is type(b) and a == b
-
-
-def _label(value: Any) -> str:
-    """How a non-scalar choice is named to Optuna (whose categorical values must be scalars)."""
-    return json.dumps(value, sort_keys=True)
-
-
-@dataclass(frozen=True)
-class Condition:
-    """``key`` must be active and take one of ``values``."""
-
-    key: str
-    values: tuple[Any, ...]
-
-    def holds(self, resolved: Mapping[str, Any]) -> bool:
-        return self.key in resolved and any(_same(resolved[self.key], v) for v in self.values)
-
-
-@dataclass(frozen=True)
-class Param:
-    """One dotted key of the training config and how it is drawn.
-
-    ``kind`` is one of ``KINDS``; ``low``/``high`` bound uniform, loguniform and int
-    (int: both included); ``options`` holds the values of choice and grid;
-    ``value`` the constant of value; ``template`` the string of format.
-    """
-
-    key: str
-    kind: str
-    low: float | int | None = None
-    high: float | int | None = None
-    options: tuple[Any, ...] = ()
-    value: Any = None
-    template: str | None = None
-    when: tuple[Condition, ...] = ()
-
-    @property
-    def searched(self) -> bool:
-        return self.kind in SEARCHED
-
-    @property
-    def refs(self) -> tuple[str, ...]:
-        """Keys this parameter depends on (its conditions, its format fields)."""
-        fields = tuple(_REF.findall(self.template)) if self.template is not None else ()
-        return tuple(c.key for c in self.when) + fields
-
-    def can_take(self, v: Any) -> bool:
-        """Whether a draw of this parameter can equal ``v`` (what a ``when`` may test)."""
-        if self.kind in ("choice", "grid"):
-            return any(_same(v, o) for o in self.options)
-        if self.kind == "int":
-            return isinstance(v, int) and not isinstance(v, bool) and self.low <= v <= self.high
-        if self.kind == "value":
-            return _same(v, self.value)
-        return False
-
-    def contains(self, v: Any) -> bool:
-        """Whether ``v`` lies in this parameter's domain (checked on every resolved trial)."""
-        if self.kind in ("uniform", "loguniform"):
-            return _is_number(v) and self.low <= v <= self.high
-        if self.kind in ("choice", "grid", "int", "value"):
-            return self.can_take(v)
-        return isinstance(v, str)
-
-    def labels(self) -> list[Any]:
-        """Optuna's categorical values: the options when all are scalars, else their JSON text."""
-        if all(o is None or isinstance(o, bool | int | float | str) for o in self.options):
-            return list(self.options)
-        return [_label(o) for o in self.options]
-
-    def decode(self, v: Any) -> Any:
-        """A choice drawn by Optuna under its label -> the option itself."""
-        if self.kind in ("choice", "grid") and isinstance(v, str) and not any(_same(v, o) for o in self.options):
-            for option in self.options:
-                if _label(option) == v:
-                    return option
-        return v
-
-    def draw(self, rng: np.random.Generator) -> Any:
-        """One draw with numpy (the distribution Ray and Optuna use)."""
-        if self.kind == "uniform":
-            return float(rng.uniform(self.low, self.high))
-        if self.kind == "loguniform":
-            return float(math.exp(rng.uniform(math.log(self.low), math.log(self.high))))
-        if self.kind == "int":
-            return int(rng.integers(self.low, self.high, endpoint=True))
-        return self.options[int(rng.integers(len(self.options)))]
-
-    def to_ray(self) -> Any:
-        from ray import tune
-
-        if self.kind == "uniform":
-            return tune.uniform(self.low, self.high)
-        if self.kind == "loguniform":
-            return tune.loguniform(self.low, self.high)
-        if self.kind == "int":
-            return tune.randint(self.low, self.high + 1)  # Ray's upper bound is exclusive
-        if self.kind == "choice":
-            return tune.choice(list(self.options))
-        if self.kind == "grid":
-            return tune.grid_search(list(self.options))
-        raise ValueError(f"{self.kind} parameters are not drawn by Ray")
-
-    def suggest(self, trial: optuna.Trial) -> Any:
-        if self.kind == "uniform":
-            return trial.suggest_float(self.key, self.low, self.high)
-        if self.kind == "loguniform":
-            return trial.suggest_float(self.key, self.low, self.high, log=True)
-        if self.kind == "int":
-            return trial.suggest_int(self.key, self.low, self.high)  # both ends included
-        if self.kind == "choice":
-            return self.decode(trial.suggest_categorical(self.key, self.labels()))
-        raise ValueError(f"{self.kind} parameters are not suggested by Optuna")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -252,8 +130,9 @@ class SearchSpace:
         """
         grids = [k for k, p in self.params.items() if p.kind == "grid"]
         if grids:
-            raise SpaceError(f"space {self.path}: grid parameters cannot be searched with optuna; use random "
-                             f"(grid: {grids})")
+            raise SpaceError(
+                f"space {self.path}: grid parameters cannot be searched with optuna; use random (grid: {grids})"
+            )
 
         return _DefineByRun(self)
 
@@ -279,7 +158,7 @@ class SearchSpace:
                 continue
             if key not in trial_config:
                 raise SpaceError(f"space {self.path}: the trial config has no value for the active parameter {key!r}")
-            v = p.decode(_plain(trial_config[key]))
+            v = p.decode(plain_value(trial_config[key]))
             if not p.contains(v):
                 raise SpaceError(f"space {self.path}: {key} = {v!r} lies outside its {p.kind} domain")
             resolved[key] = v
@@ -288,7 +167,7 @@ class SearchSpace:
     def _derive(self, p: Param, resolved: Mapping[str, Any]) -> Any:
         if p.kind == "value":
             return p.value
-        return _REF.sub(lambda m: str(resolved[m.group(1)]), p.template)
+        return FORMAT_REF.sub(lambda m: str(resolved[m.group(1)]), p.template)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -383,14 +262,16 @@ def _parse_param(key: Any, spec: Any, where: str) -> Param:
         raise SpaceError(f"{where}: must be a mapping such as {{uniform: [0.1, 1.0]}}, got {spec!r}")
     kinds = [k for k in spec if k != "when"]
     if len(kinds) != 1 or kinds[0] not in KINDS:
-        raise SpaceError(f"{where}: give exactly one distribution of {list(KINDS)} (plus an optional when), "
-                         f"got {kinds}")
+        raise SpaceError(
+            f"{where}: give exactly one distribution of {list(KINDS)} (plus an optional when), got {kinds}"
+        )
     kind = kinds[0]
     arg = spec[kind]
     when = _parse_when(spec.get("when"), where) if "when" in spec else ()
     if kind == "grid" and when:
-        raise SpaceError(f"{where}: a grid cannot have `when` (every grid value is run whatever the condition); "
-                         f"use choice")
+        raise SpaceError(
+            f"{where}: a grid cannot have `when` (every grid value is run whatever the condition); use choice"
+        )
     if kind in ("uniform", "loguniform", "int"):
         low, high = _bounds(kind, arg, where)
         return Param(key, kind, low=low, high=high, when=when)
@@ -398,14 +279,16 @@ def _parse_param(key: Any, spec: Any, where: str) -> Param:
         if not isinstance(arg, list) or not arg:
             raise SpaceError(f"{where}: {kind} needs a non-empty list of values, got {arg!r}")
         for i, a in enumerate(arg):
-            if any(_same(a, b) for b in arg[:i]):
+            if any(same_value(a, b) for b in arg[:i]):
                 raise SpaceError(f"{where}: {kind} lists {a!r} twice")
         return Param(key, kind, options=tuple(arg), when=when)
     if kind == "value":
         return Param(key, kind, value=arg, when=when)
-    if not isinstance(arg, str) or not _REF.search(arg):
-        raise SpaceError(f"{where}: format needs a string naming other parameters in braces, "
-                         f"e.g. 'data/tune/{{data.init_args.new_user_below}}', got {arg!r}")
+    if not isinstance(arg, str) or not FORMAT_REF.search(arg):
+        raise SpaceError(
+            f"{where}: format needs a string naming other parameters in braces, "
+            f"e.g. 'data/tune/{{data.init_args.new_user_below}}', got {arg!r}"
+        )
     return Param(key, kind, template=arg, when=when)
 
 
@@ -421,7 +304,7 @@ def _bounds(kind: str, arg: Any, where: str) -> tuple[Any, Any]:
             low, high = (float(b) if isinstance(b, str) else b for b in arg)
         except ValueError:
             low, high = arg
-        if not all(_is_number(b) and math.isfinite(b) for b in (low, high)):
+        if not all(is_number(b) and math.isfinite(b) for b in (low, high)):
             raise SpaceError(f"{where}: {kind} bounds must be finite numbers, got {arg!r}")
     if low >= high:
         raise SpaceError(f"{where}: {kind} needs low < high, got {arg!r}")
@@ -450,24 +333,32 @@ def _check_references(params: dict[str, Param], where: str) -> None:
         for c in p.when:
             other = params.get(c.key)
             if other is None:
-                raise SpaceError(f"{where}: params {key!r}: when refers to {c.key!r}, which is not a parameter "
-                                 f"of this space")
+                raise SpaceError(
+                    f"{where}: params {key!r}: when refers to {c.key!r}, which is not a parameter of this space"
+                )
             if other.kind not in DISCRETE:
-                raise SpaceError(f"{where}: params {key!r}: when refers to {c.key!r}, a {other.kind} parameter; "
-                                 f"conditions may test {list(DISCRETE)} parameters")
+                raise SpaceError(
+                    f"{where}: params {key!r}: when refers to {c.key!r}, a {other.kind} parameter; "
+                    f"conditions may test {list(DISCRETE)} parameters"
+                )
             for v in c.values:
                 if not other.can_take(v):
-                    raise SpaceError(f"{where}: params {key!r}: when {c.key!r} is {v!r}, a value {c.key!r} "
-                                     f"cannot take ({_domain(other)})")
+                    raise SpaceError(
+                        f"{where}: params {key!r}: when {c.key!r} is {v!r}, a value {c.key!r} "
+                        f"cannot take ({_domain(other)})"
+                    )
         if p.kind == "format":
-            for ref in _REF.findall(p.template):
+            for ref in FORMAT_REF.findall(p.template):
                 other = params.get(ref)
                 if other is None:
-                    raise SpaceError(f"{where}: params {key!r}: format refers to {ref!r}, which is not a "
-                                     f"parameter of this space")
+                    raise SpaceError(
+                        f"{where}: params {key!r}: format refers to {ref!r}, which is not a parameter of this space"
+                    )
                 if other.when:
-                    raise SpaceError(f"{where}: params {key!r}: format refers to {ref!r}, which has a `when`; "
-                                     f"a format may only use unconditional parameters")
+                    raise SpaceError(
+                        f"{where}: params {key!r}: format refers to {ref!r}, which has a `when`; "
+                        f"a format may only use unconditional parameters"
+                    )
 
 
 def _domain(p: Param) -> str:
@@ -487,7 +378,7 @@ def _dependency_order(params: dict[str, Param], where: str) -> list[str]:
         if state.get(key) == 2:
             return
         if state.get(key) == 1:
-            cycle = path[path.index(key):] + [key]
+            cycle = path[path.index(key) :] + [key]
             raise SpaceError(f"{where}: params {key!r}: conditions form a cycle: {' -> '.join(cycle)}")
         state[key] = 1
         for ref in params[key].refs:
@@ -498,4 +389,3 @@ def _dependency_order(params: dict[str, Param], where: str) -> list[str]:
     for key in params:
         visit(key, [])
     return order
-

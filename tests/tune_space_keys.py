@@ -1,0 +1,11 @@
+"""Dotted config keys and class paths shared by the tune-space tests (not a test module: no ``test_`` prefix)."""
+
+BAL = "model.init_args.balancer.class_path"
+ALPHA = "model.init_args.balancer.init_args.alpha"
+WEIGHT = "model.init_args.tasks.like.weight"
+MIN_W = "model.init_args.balancer.init_args.min_weight"
+LR = "model.init_args.optimizer.init_args.lr"
+EXPERTS = "model.init_args.model.init_args.num_experts"
+DROPOUT = "model.init_args.model.init_args.dropout"
+HIDDEN = "model.init_args.model.init_args.expert_hidden"
+STATIC, GRADNORM, DWA = "rec_dist.losses.StaticWeights", "rec_dist.losses.GradNorm", "rec_dist.losses.DWA"
