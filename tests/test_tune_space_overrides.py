@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from rec_dist.tune.overrides import (
@@ -168,9 +169,19 @@ def _build_model_and_balancer(config: dict, schemas: dict) -> None:
     data = config["data"]
     multitask = "tasks" in task
     schema = schemas["multitask" if multitask or "MultiTask" in data["class_path"] else "base"]
+    dim = data.get("init_args", {}).get("embedding_dim")
+    if dim is not None:  # as the data module applies it
+        schema = schema.with_embedding_dims(dim)
     names = list(task["tasks"]) if multitask else [task["label"]]
     model = task["model"]
-    _class(model["class_path"])(schema, names, **model.get("init_args", {}))
+    built = _class(model["class_path"])(schema, names, **model.get("init_args", {}))
+    if isinstance(dim, int):
+        tables = [  # the schema's tables; FM first-order weights are padded 4-wide tables of their own
+            m
+            for name, m in built.named_modules()
+            if isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag) and "first_order" not in name
+        ]
+        assert tables and {m.embedding_dim for m in tables} == {dim}
     if multitask and task.get("balancer"):
         balancer = task["balancer"]
         _class(balancer["class_path"])(**balancer.get("init_args", {})).setup(
