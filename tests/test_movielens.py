@@ -107,7 +107,7 @@ def test_row_counts_and_split_sizes(built):
     schema = Schema.load(built / "schema.yaml")
     assert schema.extra["split_rows"]["retrieval"] == retrieval
     assert schema.extra["user_column"] == "user_id" and schema.extra["item_column"] == "item_id"
-    assert not list(built.parent.glob(".*"))  # no temp dirs left behind
+    assert [p.name for p in built.parent.glob(".*")] == [".movielens-100k.lock"]  # no temp dirs, only the lock file
 
 
 def test_files_sorted_by_time_and_ranking_split_is_global_time_cut(built):
@@ -241,7 +241,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         prepare_movielens_100k(data, source_dir=src)
     assert len(calls) == 3
-    assert list(data.iterdir()) == []
+    assert [p.name for p in data.iterdir()] == [".movielens-100k.lock"]  # nothing half-written
 
 
 def test_source_dir_without_either_layout(tmp_path):

@@ -52,7 +52,9 @@ def test_positives_are_the_events_and_keep_the_time_split(built):
         assert ts == sorted(ts)
     ts = {s: [r["timestamp"] for r in rows[s]] for s in SPLITS}
     assert max(ts["train"]) <= min(ts["val"]) and max(ts["val"]) <= min(ts["test"])
-    assert not list(built.parent.glob(".*"))  # no temporary directories left behind
+    # no temporary directories left behind; the (empty) lock files of the builds stay
+    locks = [f".{built.name}.lock", ".movielens-100k.lock"]
+    assert sorted(p.name for p in built.parent.glob(".*")) == locks
 
 
 def test_negatives_are_unrated_items_of_the_same_event(built):
@@ -113,17 +115,44 @@ def test_schema_and_datamodule(built):
     assert set(batch.labels) == {"click", "like"} and batch.ids("user_group").min() >= 1
 
 
-def test_existing_output_reused_unless_force_or_other_settings(built, monkeypatch):
+def test_existing_output_reused_unless_force_and_other_settings_get_their_own_directory(built, monkeypatch):
+    assert built.name == f"movielens-100k-mt-neg{K}-new{NEW_BELOW}"  # the fixture's non-default settings
+    defaults = {"negatives_per_positive": 1, "seed": 0, "new_user_below": 20, "max_history": 50}
+    assert movielens_multitask.output_name(defaults) == "movielens-100k-mt"
+    assert movielens_multitask.output_name(defaults | {"seed": 3, "max_history": 9}) == "movielens-100k-mt-seed3-hist9"
+
     def boom(*_a, **_k):
         raise AssertionError("should rebuild")
 
     monkeypatch.setattr(movielens_multitask, "prepare_movielens_100k", boom)
     kwargs = {"negatives_per_positive": K, "seed": 0, "new_user_below": NEW_BELOW}
+    before = (built / "schema.yaml").stat().st_mtime_ns
     assert prepare_movielens_100k_multitask(built.parent, **kwargs) == built
-    for change in ({"force": True}, {"seed": 1}, {"new_user_below": 4}, {"negatives_per_positive": 1}):
-        with pytest.raises(AssertionError):
-            prepare_movielens_100k_multitask(built.parent, **(kwargs | change))
-    assert (built / "schema.yaml").is_file()
+    with pytest.raises(AssertionError, match="should rebuild"):
+        prepare_movielens_100k_multitask(built.parent, **kwargs, force=True)
+    monkeypatch.undo()
+    other = prepare_movielens_100k_multitask(built.parent, **(kwargs | {"new_user_below": 5}))
+    assert other.name == f"movielens-100k-mt-neg{K}-new5"
+    assert Schema.load(other / "schema.yaml").extra["multitask"]["new_user_below"] == 5
+    assert (built / "schema.yaml").stat().st_mtime_ns == before  # the other settings left it alone
+    assert Schema.load(built / "schema.yaml").extra["multitask"]["new_user_below"] == NEW_BELOW
+
+
+def _prepare_and_see(data_dir: str, src: str) -> int:
+    """Prepare in a fresh process and return the inode of what it saw as the result."""
+    out = prepare_movielens_100k_multitask(data_dir, new_user_below=NEW_BELOW, source_dir=src)
+    return (out / "stats.json").stat().st_ino
+
+
+def test_processes_preparing_the_same_settings_at_once_build_it_once(tmp_path):
+    import multiprocessing
+
+    src = write_grouplens(tmp_path / "src")
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        seen = pool.starmap(_prepare_and_see, [(str(tmp_path / "data"), str(src))] * 2)
+    final = (tmp_path / "data" / f"movielens-100k-mt-new{NEW_BELOW}" / "stats.json").stat().st_ino
+    assert seen == [final, final]  # had both built, the later rename would have replaced what one of them saw
+    assert not [p.name for p in (tmp_path / "data").iterdir() if p.name.endswith(".tmp")]  # no half-built copy
 
 
 def test_same_seed_same_output_and_failure_leaves_nothing(tmp_path, built, monkeypatch):
@@ -144,4 +173,4 @@ def test_same_seed_same_output_and_failure_leaves_nothing(tmp_path, built, monke
     monkeypatch.setattr(movielens_multitask.pq, "write_table", flaky)
     with pytest.raises(OSError, match="disk full"):
         prepare_movielens_100k_multitask(tmp_path / "b", source_dir=src)
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["movielens-100k"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.suffix != ".lock") == ["movielens-100k"]

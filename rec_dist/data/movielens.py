@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock
 
 from rec_dist.data.atomic import atomic_dir
 from rec_dist.data.errors import DataError, SchemaError
@@ -71,9 +72,15 @@ def prepare_movielens_100k(
     if not isinstance(max_history, int) or isinstance(max_history, bool) or max_history < 1:
         raise ValueError(f"max_history must be a positive integer, got {max_history!r}")
     out = Path(data_dir) / DIRNAME
-    if not force and _is_complete(out, max_history):
-        log.info("MovieLens-100k already prepared at %s; pass force=True to rebuild", out)
-        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out.with_name(f".{out.name}.lock")):  # one builder per directory; the others wait, then reuse
+        if not force and _is_complete(out, max_history):
+            log.info("MovieLens-100k already prepared at %s; pass force=True to rebuild", out)
+            return out
+        return _build(out, max_history, source_dir)
+
+
+def _build(out: Path, max_history: int, source_dir: str | Path | None) -> Path:
     start = time.perf_counter()
     raw = acquire(source_dir)
     log.info("got %d ratings, %d users, %d items from %s", len(raw.user), len(raw.users), len(raw.items),

@@ -1,8 +1,12 @@
 """MovieLens-100k as a multi-task (click, like) set-up: ``prepare_movielens_100k_multitask``.
 
 Built from the prepared single-task data set (``prepare_movielens_100k``, its
-``ranking`` split), into ``<data_dir>/movielens-100k-mt/`` (a temporary
-directory, then renamed)::
+``ranking`` split), into ``<data_dir>/movielens-100k-mt/`` with the default
+settings, else into a directory named after the settings that differ, e.g.
+``movielens-100k-mt-new10`` (``output_name``), so data sets built with
+different settings (a tuning study's trials) live side by side. It is written
+to a temporary directory, then renamed, under a lock file beside it, so
+processes preparing the same settings at once build it once::
 
     schema.yaml                     # labels click, like; feature user_group
     stats.json                      # rows, click / like rate, new-user share per split
@@ -40,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock
 
 from rec_dist.data.atomic import atomic_dir
 from rec_dist.data.datamodule import ParquetDataModule
@@ -49,10 +54,22 @@ from rec_dist.data.schema import Schema
 from rec_dist.data.synth.config import NEW, REGULAR
 
 log = logging.getLogger("rec_dist.data.movielens")
-
 DIRNAME = "movielens-100k-mt"
 ITEM_COLUMNS = ("item_id", "genres", "primary_genre", "release_year", "release_decade")
 MAX_REDRAWS = 1000
+# preparation setting -> (default, short name in the output directory's name)
+SETTINGS = {
+    "negatives_per_positive": (1, "neg"),
+    "seed": (0, "seed"),
+    "new_user_below": (20, "new"),
+    "max_history": (50, "hist"),
+}
+
+
+def output_name(settings: dict[str, int]) -> str:
+    """``movielens-100k-mt`` plus ``-<short><value>`` for each setting that is not its default."""
+    changed = [f"-{short}{settings[key]}" for key, (default, short) in SETTINGS.items() if settings[key] != default]
+    return DIRNAME + "".join(changed)
 
 
 def prepare_movielens_100k_multitask(
@@ -64,7 +81,7 @@ def prepare_movielens_100k_multitask(
     max_history: int = 50,
     force: bool = False,
 ) -> Path:
-    """Write the multi-task MovieLens-100k set-up under ``<data_dir>/movielens-100k-mt`` (module docstring).
+    """Write the multi-task MovieLens-100k set-up under ``<data_dir>/<output_name(settings)>`` (module docstring).
 
     Prepares ``<data_dir>/movielens-100k`` first (from ``source_dir`` when given, see
     ``prepare_movielens_100k``, with ``max_history``). ``seed`` seeds the drawn items. An
@@ -77,12 +94,20 @@ def prepare_movielens_100k_multitask(
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     settings = {"negatives_per_positive": negatives_per_positive, "seed": seed, "new_user_below": new_user_below,
                 "max_history": max_history}
-    out = Path(data_dir) / DIRNAME
-    if not force and _is_complete(out, settings):
-        log.info("MovieLens-100k multi-task already prepared at %s; pass force=True to rebuild", out)
-        return out
+    out = Path(data_dir) / output_name(settings)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out.with_name(f".{out.name}.lock")):  # one builder per directory; the others wait, then reuse
+        if not force and _is_complete(out, settings):
+            log.info("MovieLens-100k multi-task already prepared at %s; pass force=True to rebuild", out)
+            return out
+        return _build(out, settings, source_dir)
+
+
+def _build(out: Path, settings: dict[str, int], source_dir: str | Path | None) -> Path:
+    negatives_per_positive, seed = settings["negatives_per_positive"], settings["seed"]
+    new_user_below, max_history = settings["new_user_below"], settings["max_history"]
     start = time.perf_counter()
-    base = prepare_movielens_100k(data_dir, source_dir=source_dir, max_history=max_history)
+    base = prepare_movielens_100k(out.parent, source_dir=source_dir, max_history=max_history)
     schema = Schema.load(base / "schema.yaml")
     parts = [pq.read_table(base / "ranking" / f"{split}.parquet") for split in SPLITS]
     events = pa.concat_tables(parts)
@@ -220,8 +245,8 @@ class MovieLens100kMultiTask(ParquetDataModule):
     (``rec-dist data prepare movielens-100k-mt``; see ``rec_dist.data.movielens_multitask``).
 
     ``negatives_per_positive``, ``sample_seed`` and ``new_user_below`` are the
-    preparation settings (another value builds the data set again); ``seed`` is
-    the shuffling seed, as in every data module.
+    preparation settings (other values are built once into a directory of their
+    own, ``output_name``); ``seed`` is the shuffling seed, as in every data module.
     """
 
     def __init__(
