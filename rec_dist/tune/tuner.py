@@ -128,6 +128,10 @@ def tune(space_path: str, config: str | None, cli_args: Sequence[str], settings:
     return Study(parent, best_overrides, best_score, out, rows)
 
 
+WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's name; a user's value wins
+TRIAL_WORKER_START_TIMEOUT_S = 900
+
+
 def _trial_function(space: SearchSpace, train_config: dict, cli_args: list[str], train: RayTrainSettings,
                     parent: str, cwd: str, storage: str):
     """The Tune trainable: one trial = the config with its overrides, as a Ray Train run (child MLflow run)."""
@@ -139,6 +143,9 @@ def _trial_function(space: SearchSpace, train_config: dict, cli_args: list[str],
         from rec_dist.tune.overrides import apply_overrides
 
         os.chdir(cwd)  # Tune starts a trial in its own folder; the config's relative paths are the driver's
+        # A trial may start while a trial the scheduler stopped still holds its workers' CPUs; Ray Train's 60 s
+        # default then fails the new trial. Ray passes this variable from here to the trial's controller.
+        os.environ.setdefault(WORKER_START_TIMEOUT_ENV, str(TRIAL_WORKER_START_TIMEOUT_S))
         overrides = space.resolve(trial_config)
         trial_name = ray_tune.get_context().get_trial_name()
         with tempfile.TemporaryDirectory() as tmp:
