@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from filelock import FileLock
+
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
@@ -52,3 +54,12 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def build_lock(final: str | os.PathLike) -> FileLock:
+    """A lock file beside ``final`` (``.<name>.lock``): hold it to check whether ``final`` is complete and build it
+    if not, so processes that prepare the same output at once (tuning trials) build it once. The empty lock
+    file stays after release (removing it could let a third process lock a different file)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(final.with_name(f".{final.name}.lock"))

@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from filelock import FileLock
 
-from rec_dist.data.atomic import atomic_dir
+from rec_dist.data.atomic import atomic_dir, build_lock
 from rec_dist.data.errors import DataError, SchemaError
 from rec_dist.data.movielens_sources import GENRES, RawMovieLens, acquire
 from rec_dist.data.schema import Feature, Label, Schema, Table
@@ -72,8 +71,7 @@ def prepare_movielens_100k(
     if not isinstance(max_history, int) or isinstance(max_history, bool) or max_history < 1:
         raise ValueError(f"max_history must be a positive integer, got {max_history!r}")
     out = Path(data_dir) / DIRNAME
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(out.with_name(f".{out.name}.lock")):  # one builder per directory; the others wait, then reuse
+    with build_lock(out):  # one builder per directory; the others wait, then reuse it
         if not force and _is_complete(out, max_history):
             log.info("MovieLens-100k already prepared at %s; pass force=True to rebuild", out)
             return out

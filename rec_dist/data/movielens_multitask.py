@@ -44,9 +44,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from filelock import FileLock
 
-from rec_dist.data.atomic import atomic_dir
+from rec_dist.data.atomic import atomic_dir, build_lock
 from rec_dist.data.datamodule import ParquetDataModule
 from rec_dist.data.errors import DataError, SchemaError
 from rec_dist.data.movielens import EMBEDDING_DIM, ROW_GROUP_SIZE, SPLITS, _runs_start, prepare_movielens_100k
@@ -95,8 +94,7 @@ def prepare_movielens_100k_multitask(
     settings = {"negatives_per_positive": negatives_per_positive, "seed": seed, "new_user_below": new_user_below,
                 "max_history": max_history}
     out = Path(data_dir) / output_name(settings)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(out.with_name(f".{out.name}.lock")):  # one builder per directory; the others wait, then reuse
+    with build_lock(out):  # one builder per directory; the others wait, then reuse it
         if not force and _is_complete(out, settings):
             log.info("MovieLens-100k multi-task already prepared at %s; pass force=True to rebuild", out)
             return out
