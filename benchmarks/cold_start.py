@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/cold_start.py [--data rare-new|30pct] [--base mmoe|ple|shared_bottom]
         [--variants base lhuc pepnet poso] [--seeds 0 1 2 3 4] [--epochs 5] [--batch-size 2048] [--reuse]
-        [--select val-auc|group-mean|last ...]
+        [--select val-auc|group-mean|last ...] [--test-epochs E ...]
 
 Data: ``rec_dist.data.synth`` with a preset of ``DATASETS`` below, written once to ``data/<DATA_DIR>``.
 New users (``user_group`` 2) click by item popularity and price and ignore categories; regular users (1)
