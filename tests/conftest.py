@@ -64,3 +64,11 @@ def small_parquet(tmp_path):
         pq.write_table(table.slice(start, stop - start), path, row_group_size=20)
         paths.append(str(path))
     return paths, table
+
+
+@pytest.fixture(scope="module")
+def pyproject() -> dict:
+    """pyproject.toml, parsed (the k8s and Docker checks compare their pins with it)."""
+    from tests.k8s_checks import read_pyproject
+
+    return read_pyproject()

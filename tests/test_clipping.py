@@ -23,7 +23,7 @@ from rec_dist.embedding.collection import FeatureEmbeddings
 from rec_dist.embedding.fused import SparseOptimizer, fuse_pooled_tables, fused_parameter_ids
 from tests.conftest import SMALL_SCHEMA
 from tests.test_fused import _batch
-from tests.test_sharding import GLOBAL_BATCH, _free_port, _global_batches, _model, init_gloo
+from tests.test_sharding import GLOBAL_BATCH, _free_port, _global_batches, _model, close_gloo, init_gloo
 
 LR, MAX_NORM = 0.5, 0.05
 SHARDED_MAX_NORM = 0.01  # the DCN-V2 of the sharding tests has gradient norms of 0.03 to 0.13
@@ -109,10 +109,7 @@ def _sharded_worker(rank: int, world: int, port: int, out: str) -> None:
         results[sharding_type] = {"losses": losses, "norms": norms}
         clipper.remove()
         dist.barrier()
-    if rank == 0:
-        with open(out, "w") as fh:
-            json.dump(results, fh)
-    dist.destroy_process_group()
+    close_gloo(rank, results, out)
 
 
 def _reference() -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
-from typing import Any
 
 import pytest
 from packaging.requirements import Requirement
@@ -27,7 +26,6 @@ from tests.k8s_checks import (
     pinned,
     ray_clusters,
     ray_pods,
-    read_pyproject,
     resource_problems,
     security_problems,
     smoke_cluster,
@@ -41,11 +39,6 @@ from tests.k8s_kustomize import (
     of_kind,
     split_image,
 )
-
-
-@pytest.fixture(scope="module")
-def pyproject() -> dict[str, Any]:
-    return read_pyproject()
 
 
 @pytest.mark.parametrize("name", BUILDS)

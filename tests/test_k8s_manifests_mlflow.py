@@ -10,7 +10,6 @@ from __future__ import annotations
 import configparser
 import re
 import subprocess
-from typing import Any
 
 import pytest
 import yaml
@@ -24,7 +23,6 @@ from tests.k8s_checks import (
     pinned,
     ray_clusters,
     ray_pods,
-    read_pyproject,
     secret_problems,
     secret_refs,
 )
@@ -39,11 +37,6 @@ from tests.k8s_kustomize import (
     where,
 )
 from tests.k8s_schemas import CRD_DIR
-
-
-@pytest.fixture(scope="module")
-def pyproject() -> dict[str, Any]:
-    return read_pyproject()
 
 
 def test_mlflow_server_image_matches_the_mlflow_pin(pyproject):

@@ -54,6 +54,17 @@ def init_gloo(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def close_gloo(rank: int, results: dict, out: str) -> None:
+    """End a gloo worker: wait for all ranks, rank 0 writes ``results`` as JSON to ``out``, leave the group."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    if rank == 0:
+        with open(out, "w") as fh:
+            json.dump(results, fh)
+    dist.destroy_process_group()
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -99,10 +110,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             user_line = next(line for line in plan.splitlines() if ".pooled.user:" in line)
             assert sharding_type in user_line and "on ranks [0, 1]" in user_line
         dist.barrier()
-    if rank == 0:
-        with open(out, "w") as fh:
-            json.dump(results, fh)
-    dist.destroy_process_group()
+    close_gloo(rank, results, out)
 
 
 def _free_port() -> int:
