@@ -26,11 +26,11 @@ from tracked_fit import ROOT, tracked_fit  # benchmarks/ is on sys.path when a s
 
 EXPERIMENT = "bench-multitask"
 BALANCERS = {
-    "static": "rec_dist.losses.StaticWeights",
-    "uncertainty": "rec_dist.losses.UncertaintyWeighting",
-    "gradnorm": "rec_dist.losses.GradNorm",
-    "dwa": "rec_dist.losses.DWA",
-    "pcgrad": "rec_dist.losses.PCGrad",
+    "static": "rec_dist.balancing.StaticWeights",
+    "uncertainty": "rec_dist.balancing.UncertaintyWeighting",
+    "gradnorm": "rec_dist.balancing.GradNorm",
+    "dwa": "rec_dist.balancing.DWA",
+    "pcgrad": "rec_dist.balancing.PCGrad",
 }
 MODELS = ("shared_bottom", "mmoe", "ple", "esmm")
 

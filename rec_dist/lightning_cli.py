@@ -110,16 +110,28 @@ def build_cli_class():
 
             text = self._parser(self.subcommand).dump(config, skip_none=False)
             for logger in loggers:
-                info = log_final_model(logger.run_id, text, final, tracking_uri=getattr(logger, "_tracking_uri", None))
+                uri = getattr(logger, "_tracking_uri", None)
+                info = log_final_model(logger.run_id, text, final, tracking_uri=uri, exporter=export_checkpoint)
                 print(f"final model {final} logged to MLflow run {logger.run_id} as {info.model_uri}")
 
     return RecDistCLI
 
 
+def export_checkpoint(config: str, ckpt_path: str, output: str):
+    """``rec-dist export``: build the task from ``config`` (unsharded), load ``ckpt_path``, write ``output``
+    (``rec_dist.tracking.exported`` has the file's format and ``load_exported``)."""
+    from rec_dist.quiet import quiet_startup
+    from rec_dist.tracking.exported import write_exported
+
+    quiet_startup()
+    cli = build_cli_class()(args=["--config", config, "--trainer.logger", "false"], run=False)
+    return write_exported(cli.model, cli.config.model.init_args.model, ckpt_path, output)
+
+
 def run(argv: list[str]) -> None:
     """Run one Lightning subcommand; a bad config exits with the parser's message."""
     quiet_startup()
-    from rec_dist.data.errors import RecDistError
+    from rec_dist.errors import RecDistError
 
     cli_class = build_cli_class()
     try:

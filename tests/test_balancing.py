@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from rec_dist.losses import DWA, GradNorm, PCGrad, StaticWeights, UncertaintyWeighting
+from rec_dist.balancing import DWA, GradNorm, PCGrad, StaticWeights, UncertaintyWeighting
 
 
 def _backward(loss: torch.Tensor) -> None:

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from rec_dist.data.columns import ColumnChunk
-from rec_dist.data.errors import DataError, SchemaError
 from rec_dist.data.parquet import ParquetBatches, list_parquet
 from rec_dist.data.schema import Schema
+from rec_dist.errors import DataError, SchemaError
 from tests.conftest import SMALL_SCHEMA, small_table
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from rec_dist.data.columns import ColumnChunk
-from rec_dist.data.errors import SchemaError
 from rec_dist.data.schema import Schema, lookup_groups
 from rec_dist.embedding.collection import FeatureEmbeddings
+from rec_dist.errors import SchemaError
 from tests.conftest import SMALL_SCHEMA, small_table
 
 

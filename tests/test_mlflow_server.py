@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from rec_dist.cli import main
 from rec_dist.tracking.model_registry import MODEL_NAME, using_tracking_uri
-from rec_dist.tracking.server import (
+from tests.mlflow_local_server import (
     basic_auth_proxy,
     dump_dom,
     find_chromium,

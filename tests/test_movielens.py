@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from rec_dist.data import movielens, movielens_sources
-from rec_dist.data.errors import DataError
 from rec_dist.data.movielens import prepare_movielens_100k
 from rec_dist.data.schema import Schema
+from rec_dist.errors import DataError
 
 MAX_HISTORY = 3
 GENRES = movielens_sources.GENRES

@@ -271,7 +271,7 @@ def test_configs_build_their_model(path, movielens_mt_schema):
     config = yaml.safe_load(path.read_text())
     init = config["model"]["init_args"]
     assert config["model"]["class_path"] == "rec_dist.tasks.multitask.MultiTaskTask"
-    assert init["balancer"] == {"class_path": "rec_dist.losses.balancing.StaticWeights"}
+    assert init["balancer"] == {"class_path": "rec_dist.balancing.StaticWeights"}
     data = config["data"]
     if data["class_path"].endswith("MovieLens100kMultiTask"):  # prepares the data itself (tune_spaces/poso.yaml)
         assert "data_dir" in data["init_args"]

@@ -14,13 +14,13 @@ import torch
 import yaml
 from torch import nn
 
+from rec_dist.balancing import DWA, GradNorm, PCGrad, StaticWeights, UncertaintyWeighting
 from rec_dist.data.batch import Batch
 from rec_dist.data.datamodule import ParquetDataModule
 from rec_dist.data.schema import Schema
 from rec_dist.data.synth import NEW, REGULAR, SynthConfig, synthesize
 from rec_dist.embedding.collection import FeatureEmbeddings
 from rec_dist.layers.mlp import MLP
-from rec_dist.losses import DWA, GradNorm, PCGrad, StaticWeights, UncertaintyWeighting
 from rec_dist.models.base import FeatureSelection, check_tasks
 from rec_dist.tasks.multitask import MultiTaskTask, UserGroups, parse_tasks
 from rec_dist.tracking.mlflow import MLflowLogger
@@ -151,7 +151,7 @@ def test_fit_through_the_cli_with_gradnorm_and_group_metrics(tmp_path, synth_dir
             "init_args": {
                 "model": {"class_path": "tests.test_multitask_task.SharedBottom", "init_args": {"hidden": [32, 16]}},
                 "tasks": {"click": {"weight": 1.0}, "like": {"loss": "bce", "weight": 3.0}},
-                "balancer": {"class_path": "rec_dist.losses.GradNorm", "init_args": {"alpha": 1.0}},
+                "balancer": {"class_path": "rec_dist.balancing.GradNorm", "init_args": {"alpha": 1.0}},
                 "group_metrics": {"feature": "hist_item_id", "new_below": 3},
                 "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.02}},
             },
@@ -167,7 +167,7 @@ def test_fit_through_the_cli_with_gradnorm_and_group_metrics(tmp_path, synth_dir
     metrics = run.data.metrics
     assert metrics["test/click/auc"] > 0.7 and metrics["test/like/auc"] > 0.7
     assert {"test/click/new/auc", "test/like/regular/logloss", "train/weight/like", "val/auc"} <= set(metrics)
-    assert run.data.params["model.init_args.balancer.class_path"] == "rec_dist.losses.GradNorm"
+    assert run.data.params["model.init_args.balancer.class_path"] == "rec_dist.balancing.GradNorm"
     assert list((tmp_path / "ckpt").rglob("*.ckpt"))  # the CLI's checkpoint callback found val/auc
 
 

@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from rec_dist.data import synth
-from rec_dist.data.errors import RecDistError
 from rec_dist.data.schema import Schema
 from rec_dist.data.synth import (
     SynthConfig,
@@ -22,6 +21,7 @@ from rec_dist.data.synth import (
     synthesize,
     user_profile,
 )
+from rec_dist.errors import RecDistError
 from rec_dist.metrics.gauc import group_auc
 
 SMALL = SynthConfig(num_rows=60_000, num_users=3_000, num_items=8_000, num_categories=20, seq_len=40,

@@ -94,9 +94,10 @@ def test_apply_overrides_class_path_change_keeps_only_accepted_init_args():
     out = apply_overrides(BASE, {BAL: "no.such.Balancer"})
     assert out["model"]["init_args"]["balancer"] == {"class_path": "no.such.Balancer"}
     # short form `balancer: Class` is a class_path
-    short = apply_overrides(BASE, {"model.init_args.balancer": "rec_dist.losses.PCGrad"})
+    short = apply_overrides(BASE, {"model.init_args.balancer": "rec_dist.balancing.PCGrad"})
     out = apply_overrides(short, {"model.init_args.balancer.init_args.seed": 3})
-    assert out["model"]["init_args"]["balancer"] == {"class_path": "rec_dist.losses.PCGrad", "init_args": {"seed": 3}}
+    expected = {"class_path": "rec_dist.balancing.PCGrad", "init_args": {"seed": 3}}
+    assert out["model"]["init_args"]["balancer"] == expected
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from rec_dist.data.errors import RecDistError
+from rec_dist.errors import RecDistError
 from rec_dist.data.synth import SynthConfig
 
 

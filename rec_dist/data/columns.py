@@ -17,7 +17,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from rec_dist.data.batch import Batch
-from rec_dist.data.errors import DataError
+from rec_dist.errors import DataError
 from rec_dist.data.schema import Feature, Schema, lookup_groups
 
 

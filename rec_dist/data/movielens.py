@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rec_dist.data.atomic import atomic_dir, build_lock
-from rec_dist.data.errors import DataError, SchemaError
+from rec_dist.io import atomic_dir, build_lock
+from rec_dist.errors import DataError, SchemaError
 from rec_dist.data.movielens_sources import GENRES, RawMovieLens, acquire
 from rec_dist.data.schema import Feature, Label, Schema, Table
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from rec_dist.data.errors import DataError
+from rec_dist.errors import DataError
 
 log = logging.getLogger("rec_dist.data.movielens")
 

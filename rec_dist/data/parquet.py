@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from rec_dist.data.batch import Batch
 from rec_dist.data.columns import ColumnChunk
-from rec_dist.data.errors import DataError
+from rec_dist.errors import DataError
 from rec_dist.data.schema import Schema
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from rec_dist.data.errors import SchemaError
+from rec_dist.errors import SchemaError
 
 FEATURE_KINDS = ("sparse", "multi_hot", "sequence", "dense")
 LABEL_KINDS = ("binary", "regression")
@@ -210,7 +210,7 @@ class Schema:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temporary file, then rename)."""
-        from rec_dist.data.atomic import atomic_file
+        from rec_dist.io import atomic_file
 
         with atomic_file(path) as tmp:
             tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

@@ -20,8 +20,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from rec_dist.data.batch import Batch
-from rec_dist.data.errors import SchemaError
 from rec_dist.data.schema import Feature, Schema, lookup_groups
+from rec_dist.errors import SchemaError
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 _DEFAULT_DEVICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("embedding_device", default=None)

@@ -1,6 +1,6 @@
-"""Reusable losses: multi-task loss balancers (chosen in YAML by ``class_path``)."""
+"""Training losses (pointwise now; sampled softmax for retrieval lives here too). Loss *balancers* are in
+``rec_dist.balancing``."""
 
-from rec_dist.losses.balancing import DWA, Balancer, StaticWeights, UncertaintyWeighting
-from rec_dist.losses.gradients import GradNorm, PCGrad
+from rec_dist.losses.pointwise import POINTWISE_LOSSES, pointwise_loss
 
-__all__ = ["DWA", "Balancer", "GradNorm", "PCGrad", "StaticWeights", "UncertaintyWeighting"]
+__all__ = ["POINTWISE_LOSSES", "pointwise_loss"]

@@ -10,7 +10,7 @@ Config (``model:`` section of a ``rec-dist fit`` YAML)::
           click: {}                   # label: click, loss: bce (binary label), weight: 1
           like: {loss: bce, weight: 2.0}
           watch_time: {label: watch_time, loss: mse}
-        balancer: {class_path: rec_dist.losses.PCGrad}   # default: StaticWeights
+        balancer: {class_path: rec_dist.balancing.PCGrad}   # default: StaticWeights
         group_metrics:                # optional: AUC / logloss per task per user group
           feature: user_group
           groups: {new: [2], regular: [1]}
@@ -20,7 +20,7 @@ A task spec has ``label`` (the schema label it learns; default the task name;
 models built on ``rec_dist.models.base.check_tasks`` want task names that are
 labels), ``loss`` (``bce`` on logits for a binary label, ``mse`` for any
 label; default ``bce`` for binary labels, ``mse`` for regression ones) and
-``weight`` (>= 0, default 1; how balancers use it: ``rec_dist.losses``).
+``weight`` (>= 0, default 1; how balancers use it: ``rec_dist.balancing``).
 
 ``group_metrics`` names one feature and the groups of rows (by value or range, or
 ``new_below: K``) to report separately; see ``rec_dist.tasks.group_metrics``.
@@ -54,10 +54,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
+from rec_dist.balancing.static import Balancer, StaticWeights
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.fused import SparseOptimizers
-from rec_dist.losses.balancing import Balancer, StaticWeights
 from rec_dist.tasks.clipping import ClipsFusedTables
 from rec_dist.tasks.group_metrics import GroupRule, RegressionMetrics, SubsetMetrics, UserGroups
 from rec_dist.tasks.ranking import (
@@ -139,7 +139,7 @@ class MultiTaskTask(ClipsFusedTables):
         model: the model class (``class_path`` + ``init_args``); built here as ``model(schema, task names)``.
         schema: the data schema (the CLI links it from ``data.schema``).
         tasks: task name -> ``{label, loss, weight}``.
-        balancer: how the task losses are combined (``rec_dist.losses``); default ``StaticWeights``.
+        balancer: how the task losses are combined (``rec_dist.balancing``); default ``StaticWeights``.
         group_metrics: per-user-group metrics: ``{feature, groups}`` or ``{feature, new_below}``.
         gauc_feature: a sparse feature (e.g. ``user_id``) to compute GAUC by, for bce tasks; None: no GAUC.
         optimizer: dense optimizer factory.

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from rec_dist.data.atomic import atomic_file
+from rec_dist.io import atomic_file
 
 
 class ParquetPredictionWriter(BasePredictionWriter):

@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -81,12 +81,16 @@ def export_ready_config(text: str) -> str:
     return yaml.safe_dump({k: v for k, v in config.items() if k not in fit_args}, sort_keys=False)
 
 
-def _export(config: Path, ckpt_path: str, output: Path) -> None:
-    """``rec_dist.export.export``, in a subprocess when this process is one rank of several: reading a
-    sharded checkpoint in-process would run collectives the other ranks never join."""
+Exporter = Callable[[str, str, str], object]
+
+
+def _export(config: Path, ckpt_path: str, output: Path, exporter: Exporter | None) -> None:
+    """Run ``exporter`` (``rec_dist.export.export``, which the runner passes in) in this process, else
+    ``rec-dist export`` in a subprocess: always so when this process is one rank of several, since reading
+    a sharded checkpoint in-process would run collectives the other ranks never join."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if exporter is None or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         cmd = [
             sys.executable,
             "-m",
@@ -103,9 +107,7 @@ def _export(config: Path, ckpt_path: str, output: Path) -> None:
         if done.returncode != 0:
             raise RuntimeError(f"exporting {ckpt_path} failed:\n{done.stderr[-3000:]}")
         return
-    from rec_dist.export import export
-
-    export(str(config), str(ckpt_path), str(output))
+    exporter(str(config), str(ckpt_path), str(output))
 
 
 def resolve_checkpoint(ckpt_path: str | os.PathLike) -> Path:
@@ -156,6 +158,7 @@ def log_final_model(
     config_path_or_text: str | os.PathLike,
     ckpt_path: str | os.PathLike,
     tracking_uri: str | None = None,
+    exporter: Exporter | None = None,
 ):
     """Export ``ckpt_path`` (built from the training config) and log it to run ``run_id`` as ``model``.
 
@@ -165,7 +168,8 @@ def log_final_model(
     one ``*.ckpt`` (a Ray Train checkpoint's ``checkpoint.ckpt``). ``tracking_uri``
     defaults to ``MLFLOW_TRACKING_URI`` (else ``sqlite:///mlruns.db``); an
     ``http://`` server takes its credentials from ``MLFLOW_TRACKING_USERNAME``
-    / ``MLFLOW_TRACKING_PASSWORD``. Returns MLflow's ``ModelInfo``.
+    / ``MLFLOW_TRACKING_PASSWORD``. ``exporter``: ``rec_dist.export.export`` to export in this
+    process (the CLI passes it); None runs ``rec-dist export`` in a subprocess. Returns MLflow's ``ModelInfo``.
     """
     from mlflow.models import Model
 
@@ -176,7 +180,7 @@ def log_final_model(
         config = Path(tmp) / "config.yaml"
         config.write_text(export_ready_config(text))
         exported = Path(tmp) / "exported.pt"
-        _export(config, str(ckpt_path), exported)
+        _export(config, str(ckpt_path), exported, exporter)
 
         import torch
 

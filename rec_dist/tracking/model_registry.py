@@ -20,7 +20,7 @@ import sys
 
 import mlflow
 
-from rec_dist.data.errors import RecDistError
+from rec_dist.errors import RecDistError
 from rec_dist.tracking.final_model import (
     MODEL_NAME,
     REQUIREMENTS,

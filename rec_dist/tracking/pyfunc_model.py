@@ -35,7 +35,7 @@ class RecDistPyfunc(mlflow.pyfunc.PythonModel):
         import torch
 
         from rec_dist.data.schema import Schema
-        from rec_dist.export import load_exported
+        from rec_dist.tracking.exported import load_exported
 
         path = context.artifacts["exported"]
         self.model = load_exported(path)

@@ -7,7 +7,7 @@ Rules (also in tune_spaces/README.md):
 
 * Intermediate mappings are created where a key is missing or ``null``; a
   string where a ``class_path`` or ``init_args`` goes on (the short form
-  ``balancer: rec_dist.losses.PCGrad``) becomes ``{class_path: ...}``; an
+  ``balancer: rec_dist.balancing.PCGrad``) becomes ``{class_path: ...}``; an
   integer part indexes an existing list (``trainer.callbacks.0.init_args.patience``).
   Walking into any other value (a number, a string, a list by name) raises
   ``OverrideError`` naming the key.
@@ -39,8 +39,8 @@ from typing import Any
 
 import yaml
 
-from rec_dist.data.atomic import atomic_file
-from rec_dist.data.errors import RecDistError
+from rec_dist.errors import RecDistError
+from rec_dist.io import atomic_file
 
 
 class OverrideError(RecDistError):

@@ -8,10 +8,10 @@ A space file is YAML (full reference: ``tune_spaces/README.md``)::
     params:                                 # dotted key of the training config -> how to draw it
       model.init_args.optimizer.init_args.lr: {loguniform: [1.0e-4, 1.0e-2]}
       model.init_args.model.init_args.num_experts: {int: [2, 8]}          # both ends included
-      model.init_args.balancer.class_path: {choice: [rec_dist.losses.StaticWeights, rec_dist.losses.GradNorm]}
+      model.init_args.balancer.class_path: {choice: [rec_dist.balancing.StaticWeights, rec_dist.balancing.GradNorm]}
       model.init_args.balancer.init_args.alpha:
         uniform: [0.5, 2.0]
-        when: {model.init_args.balancer.class_path: rec_dist.losses.GradNorm}   # exists only then
+        when: {model.init_args.balancer.class_path: rec_dist.balancing.GradNorm}   # exists only then
 
 Kinds: ``uniform``, ``loguniform``, ``int`` (inclusive), ``choice``, ``grid`` (every
 value, crossed with the other grids), ``value`` (a constant) and ``format`` (a
@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from rec_dist.data.errors import RecDistError
+from rec_dist.errors import RecDistError
 from rec_dist.tune.space_params import (
     DISCRETE,
     FORMAT_REF,

@@ -237,7 +237,7 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value).removeprefix("rec_dist.losses.")
+    return str(value).removeprefix("rec_dist.balancing.")
 
 
 def _log_study_start(tracking_uri: str, parent: str, space: SearchSpace, config: Path,
@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                             max_concurrent=args.max_concurrent, grace_period=args.grace_period,
                             reduction_factor=args.reduction_factor, seed=args.seed, best_config=args.best_config,
                             train=settings_from(args))
-    from rec_dist.data.errors import RecDistError
+    from rec_dist.errors import RecDistError
 
     try:
         tune(args.space, args.config, cli_args, settings)

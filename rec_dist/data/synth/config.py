@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from rec_dist.data.errors import RecDistError
+from rec_dist.errors import RecDistError
 
 # user_group codes
 REGULAR, NEW = 1, 2

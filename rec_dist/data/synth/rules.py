@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from rec_dist.data.errors import RecDistError
+from rec_dist.errors import RecDistError
 from rec_dist.data.synth.config import COEFFICIENTS, NEW, SynthConfig
 from rec_dist.data.synth.random import (
     S_AGE_1,

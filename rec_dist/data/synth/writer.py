@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rec_dist.data.atomic import atomic_dir
+from rec_dist.io import atomic_dir
 from rec_dist.data.schema import Schema
 from rec_dist.data.synth.config import NEW, SynthConfig
 from rec_dist.data.synth.rows import ARROW_SCHEMA, generate_rows

@@ -4,7 +4,7 @@ Every balancer is a ``Balancer`` (an ``nn.Module``, so learnt weights train with
 the model and are saved in its checkpoints), chosen in YAML by ``class_path``::
 
     balancer:
-      class_path: rec_dist.losses.GradNorm
+      class_path: rec_dist.balancing.GradNorm
       init_args: {alpha: 1.5}
 
 The task calls ``setup(tasks, weights, regression)`` once with its task names,
@@ -28,7 +28,7 @@ weights (rescaled to sum to T) by ``GradNorm``; ``UncertaintyWeighting`` and
 ``DWA`` set every weight themselves and warn when a config weight is not 1.
 
 This module holds the base class and the loss-weighting balancers; the
-gradient balancers (GradNorm, PCGrad) are in ``rec_dist.losses.gradients``.
+gradient balancers (GradNorm, PCGrad) are in ``rec_dist.balancing.gradients``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rec_dist.losses.balancing import BackwardFn, Balancer, Losses
+from rec_dist.balancing.static import BackwardFn, Balancer, Losses
 
 
 def named_parameters_of(model: nn.Module, method: str, balancer: str) -> list[nn.Parameter]:
