@@ -291,5 +291,11 @@ def make_schema(num_users: int, num_items: int, max_history: int, source: str,
     labels = {"like": Label("like", "binary"), "rating": Label("rating", "regression", min=1, max=5)}
     extra = {"user_column": "user_id", "item_column": "item_id", "timestamp_column": "timestamp",
              "source": source, "split_rows": rows}
-    schema = Schema(DIRNAME, tables, features, labels, extra)
+    groups = {
+        "user": ("user_id", "gender", "age", "occupation", "zip_prefix"),
+        "item": ("item_id", "genres", "primary_genre", "release_decade", "release_year"),
+        "context": ("hour", "weekday"),
+        "history": ("hist_item_id", "hist_genre"),  # aligned: each event's item and its primary genre
+    }
+    schema = Schema(DIRNAME, tables, features, labels, extra, groups)
     return Schema.from_dict(schema.to_dict(), source=f"{DIRNAME} schema")  # validate

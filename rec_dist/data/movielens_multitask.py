@@ -230,6 +230,8 @@ def make_schema(base: Schema, settings: dict, rows: dict[str, int]) -> Schema:
     raw["name"] = DIRNAME
     raw["tables"]["user_group"] = {"num_embeddings": max(NEW, REGULAR) + 1, "embedding_dim": EMBEDDING_DIM}
     raw["features"]["user_group"] = {"kind": "sparse", "table": "user_group"}
+    if "user" in raw.get("groups", {}):
+        raw["groups"]["user"] = [*raw["groups"]["user"], "user_group"]
     raw["labels"] = {"click": {"kind": "binary"}, "like": {"kind": "binary"}}
     raw["split_rows"] = rows
     raw["multitask"] = dict(settings)

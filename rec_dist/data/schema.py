@@ -14,6 +14,18 @@ a YAML file::
     labels:
       like: {kind: binary}        # float32 in {0, 1}
       rating: {kind: regression, min: 1, max: 5}
+    groups:                       # optional: names a model config may use instead of feature lists
+      user: [user_id, gender]
+      item: [item_id, genres, release_year]
+      history: [hist_item_id, hist_genre]   # a sequence group: aligned per-event columns, the event id first
+
+A group lists features; a model's feature-list knobs accept group names and
+feature names alike (``Schema.expand``). A group made only of sequences is a
+*sequence group*: its members are aligned (one value per event: the event's
+id, then side features such as its category, action type or timestamp), so
+they must share ``max_len``. The conventional group names are ``user``,
+``item``, ``context`` and one per behaviour sequence; the retrieval models
+read ``user``/``context`` as the query side and ``item`` as the item side.
 
 Ids are row indices into the table: ``0 <= id < num_embeddings``. An id out
 of that range raises an error naming the column, unless the feature says
@@ -84,6 +96,7 @@ class Schema:
     features: dict[str, Feature]
     labels: dict[str, Label]
     extra: dict[str, Any] = field(default_factory=dict)
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     # ---- views ---------------------------------------------------------------
     def of_kind(self, *kinds: str) -> list[Feature]:
@@ -112,11 +125,36 @@ class Schema:
             )
         return self.features[name]
 
+    def expand(self, names: str | list[str] | tuple[str, ...], where: str = "features") -> tuple[str, ...]:
+        """Group names replaced by their features, in order, each feature once.
+
+        ``where`` names the config key (and model) in errors, e.g. ``"DIN: features"``.
+        """
+        items = [names] if isinstance(names, str) else list(names)
+        out: list[str] = []
+        for name in items:
+            if name in self.groups:
+                members = self.groups[name]
+            elif name in self.features:
+                members = (name,)
+            else:
+                raise SchemaError(
+                    f"{where}: {name!r} is neither a feature nor a group of schema {self.name!r}; "
+                    f"groups: {sorted(self.groups)}, features: {sorted(self.features)}"
+                )
+            out += [m for m in members if m not in out]
+        return tuple(out)
+
+    def group_of(self, feature: str) -> str | None:
+        """The first group that lists ``feature`` (None when no group does)."""
+        return next((g for g, members in self.groups.items() if feature in members), None)
+
     def select(self, features: list[str]) -> Schema:
-        """The schema restricted to ``features`` (and the tables they read); labels are kept."""
+        """The schema restricted to ``features`` (and the tables they read); labels are kept, groups narrowed."""
         chosen = {name: self.feature(name) for name in features}
         tables = {f.table: self.tables[f.table] for f in chosen.values() if f.table is not None}
-        return Schema(self.name, tables, chosen, self.labels, self.extra)
+        groups = {g: tuple(m for m in members if m in chosen) for g, members in self.groups.items()}
+        return Schema(self.name, tables, chosen, self.labels, self.extra, {g: m for g, m in groups.items() if m})
 
     def with_embedding_dims(self, dims: int | Mapping[str, int], source: str = "embedding_dim") -> Schema:
         """The schema with table dims replaced: one int for every table, or ``{table: dim}`` for some.
@@ -134,7 +172,7 @@ class Schema:
             if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
                 raise SchemaError(f"{source}: dim of table {table!r} must be a positive integer, got {dim!r}")
         tables = {name: replace(t, embedding_dim=wanted.get(name, t.embedding_dim)) for name, t in self.tables.items()}
-        return Schema(self.name, tables, self.features, self.labels, self.extra)
+        return Schema(self.name, tables, self.features, self.labels, self.extra, self.groups)
 
     @property
     def columns(self) -> list[str]:
@@ -186,8 +224,9 @@ class Schema:
         overlap = set(features) & set(labels)
         if overlap:
             raise SchemaError(f"{source}: names used both as feature and label: {sorted(overlap)}")
-        extra = {k: v for k, v in raw.items() if k not in ("name", "tables", "features", "labels")}
-        return cls(str(raw.get("name", "unnamed")), tables, features, labels, extra)
+        groups = _groups(raw.get("groups"), features, source)
+        extra = {k: v for k, v in raw.items() if k not in ("name", "tables", "features", "labels", "groups")}
+        return cls(str(raw.get("name", "unnamed")), tables, features, labels, extra, groups)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Schema:
@@ -205,6 +244,8 @@ class Schema:
         out["tables"] = {t.name: _non_default(asdict(t), Table) for t in self.tables.values()}
         out["features"] = {f.name: _non_default(asdict(f), Feature) for f in self.features.values()}
         out["labels"] = {lb.name: _non_default(asdict(lb), Label) for lb in self.labels.values()}
+        if self.groups:
+            out["groups"] = {g: list(members) for g, members in self.groups.items()}
         out.update(self.extra)
         return out
 
@@ -214,6 +255,39 @@ class Schema:
 
         with atomic_file(path) as tmp:
             tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _groups(raw: Any, features: dict[str, Feature], source: str) -> dict[str, tuple[str, ...]]:
+    """Checked ``groups``: lists of known features; a group of sequences shares one ``max_len``."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SchemaError(f"{source}: groups must be a mapping group name -> list of features, got {raw!r}")
+    groups = {}
+    for name, members in raw.items():
+        where = f"{source}: groups.{name}"
+        if name in features:
+            raise SchemaError(f"{where}: a group cannot have the name of a feature")
+        if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+            raise SchemaError(f"{where} must be a non-empty list of feature names, got {members!r}")
+        unknown = [m for m in members if m not in features]
+        if unknown:
+            raise SchemaError(f"{where}: unknown features {unknown}; features: {sorted(features)}")
+        repeated = sorted({m for m in members if members.count(m) > 1})
+        if repeated:
+            raise SchemaError(f"{where}: features {repeated} are listed more than once")
+        kinds = {features[m].kind == "sequence" for m in members}
+        if kinds == {True}:
+            max_lens = {m: features[m].max_len for m in members}
+            if len(set(max_lens.values())) > 1:
+                raise SchemaError(f"{where}: the aligned sequences of a group must share one max_len, got {max_lens}")
+        elif len(kinds) > 1:
+            raise SchemaError(
+                f"{where}: mixes sequences and other features; a sequence group holds only the aligned per-event "
+                f"sequences (the event id first, then its side features)"
+            )
+        groups[str(name)] = tuple(members)
+    return groups
 
 
 def _mapping(spec: Any, where: str) -> dict[str, Any]:
