@@ -6,8 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
-from rec_dist.errors import RecDistError
 from rec_dist.data.synth import SynthConfig
+from rec_dist.errors import RecDistError
 
 
 def prepare(dataset: str, data_dir: str = "data", source_dir: str | None = None, force: bool = False) -> None:

@@ -8,6 +8,7 @@ there is no per-sample Python on the loading path.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,8 +18,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from rec_dist.data.batch import Batch
-from rec_dist.errors import DataError
 from rec_dist.data.schema import Feature, Schema, lookup_groups
+from rec_dist.errors import DataError
 
 
 @dataclass
@@ -61,25 +62,57 @@ class Jagged:
 
 @dataclass
 class ColumnChunk:
-    """Checked columns of ``num_rows`` samples, ready to be cut into batches."""
+    """Checked columns of ``num_rows`` samples, ready to be cut into batches.
+
+    ``dense_columns`` names the blocks of ``dense`` in order, as ``(feature, dim)``.
+    """
 
     ids: dict[str, Jagged]
     dense: np.ndarray  # (N, dense_dim) float32
     labels: dict[str, np.ndarray]  # name -> (N,) float32
     num_rows: int
+    dense_columns: tuple[tuple[str, int], ...] = ()
 
     # ---- building -----------------------------------------------------------------
     @classmethod
-    def from_arrow(cls, table: pa.Table, schema: Schema, source: str, labels: bool = True) -> ColumnChunk:
-        """Check ``table`` against ``schema``; ``source`` names the file in errors."""
+    def from_arrow(
+        cls,
+        table: pa.Table,
+        schema: Schema,
+        source: str,
+        labels: bool = True,
+        features: Sequence[str] | None = None,
+    ) -> ColumnChunk:
+        """Check ``table`` against ``schema``; ``source`` names the file in errors.
+
+        ``features`` (None: every schema feature) restricts which feature columns are read and
+        checked; the others may be absent from ``table``.
+        """
         n = table.num_rows
-        ids = {f.name: _id_column(table, f, schema, source) for f in schema.id_features}
-        dense_parts = [_dense_column(table, f, source) for f in schema.dense_features]
+        wanted = None if features is None else set(features)
+        chosen = [f for f in schema.features.values() if wanted is None or f.name in wanted]
+        ids = {f.name: _id_column(table, f, schema, source) for f in chosen if f.is_id}
+        dense_features = [f for f in chosen if not f.is_id]
+        dense_parts = [_dense_column(table, f, source) for f in dense_features]
         dense = np.concatenate(dense_parts, axis=1) if dense_parts else np.zeros((n, 0), np.float32)
         label_arrays = {}
         if labels:
             label_arrays = {lb.name: _label_column(table, lb, source) for lb in schema.labels.values()}
-        return cls(ids, np.ascontiguousarray(dense, dtype=np.float32), label_arrays, n)
+        dense_columns = tuple((f.name, f.dim) for f in dense_features)
+        return cls(ids, np.ascontiguousarray(dense, dtype=np.float32), label_arrays, n, dense_columns)
+
+    @property
+    def dense_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.dense_columns)
+
+    def dense_block(self, name: str) -> np.ndarray:
+        """The ``(N, dim)`` columns of dense feature ``name``."""
+        start = 0
+        for feature, dim in self.dense_columns:
+            if feature == name:
+                return self.dense[:, start : start + dim]
+            start += dim
+        raise KeyError(name)
 
     @staticmethod
     def concat(chunks: list[ColumnChunk]) -> ColumnChunk:
@@ -91,6 +124,7 @@ class ColumnChunk:
             dense=np.concatenate([c.dense for c in chunks]),
             labels={k: np.concatenate([c.labels[k] for c in chunks]) for k in first.labels},
             num_rows=sum(c.num_rows for c in chunks),
+            dense_columns=first.dense_columns,
         )
 
     # ---- cutting --------------------------------------------------------------------
@@ -100,6 +134,7 @@ class ColumnChunk:
             self.dense[idx],
             {k: v[idx] for k, v in self.labels.items()},
             len(idx),
+            self.dense_columns,
         )
 
     def slice(self, start: int, stop: int) -> ColumnChunk:
@@ -109,13 +144,20 @@ class ColumnChunk:
             self.dense[start:stop],
             {k: v[start:stop] for k, v in self.labels.items()},
             stop - start,
+            self.dense_columns,
         )
 
     def to_batch(self, schema: Schema) -> Batch:
+        """The Batch; which KJT holds a feature is decided by ``lookup_groups(schema)``.
+
+        Pass the full schema even when the chunk holds a column subset: a feature absent
+        from the chunk is absent from its KJT, the others keep their place. ``dense``
+        holds the chunk's dense features in schema order.
+        """
         pooled, unpooled = lookup_groups(schema)
         return Batch(
-            sparse=self._kjt(pooled),
-            sequence=self._kjt(unpooled),
+            sparse=self._kjt([f for f in pooled if f.name in self.ids]),
+            sequence=self._kjt([f for f in unpooled if f.name in self.ids]),
             dense=torch.from_numpy(np.ascontiguousarray(self.dense)),
             labels={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.labels.items()},
         )

@@ -8,8 +8,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from rec_dist.data.items import ItemTable
 from rec_dist.data.parquet import ParquetBatches, list_parquet, loader_kwargs
 from rec_dist.data.schema import Schema
+from rec_dist.errors import DataError
 
 
 def training_epoch(trainer: pl.Trainer, batches_per_epoch: int) -> int:
@@ -55,6 +57,8 @@ class ParquetDataModule(pl.LightningDataModule):
     Rows are split evenly over ranks and ``num_workers`` loader processes.
     ``embedding_dim`` overrides the schema's table dims (one int for every table,
     or ``{table: dim}``), so a config or a tuning space can change them.
+    ``items`` names the item table (``items.parquet``: the item id column and
+    the schema's ``item`` group); ``item_table()`` loads it once.
     """
 
     def __init__(
@@ -71,8 +75,11 @@ class ParquetDataModule(pl.LightningDataModule):
         seed: int = 0,
         features: list[str] | None = None,
         embedding_dim: int | dict[str, int] | None = None,
+        items: str | None = None,
     ) -> None:
         super().__init__()
+        self.items = items
+        self._item_table: ItemTable | None = None
         self.schema_path = Path(schema_path)
         self.schema = Schema.load(self.schema_path)
         if features is not None:
@@ -86,6 +93,16 @@ class ParquetDataModule(pl.LightningDataModule):
         self.shuffle_buffer_rows = shuffle_buffer_rows
         self.seed = seed
         self._datasets: dict[str, ParquetBatches] = {}
+
+    def item_table(self) -> ItemTable:
+        """The item table (``items``, relative to the schema file), loaded once (the retrieval corpus)."""
+        if self.items is None:
+            raise DataError(f"{type(self).__name__}: no item table configured (data.init_args.items)")
+        if self._item_table is None:
+            path = Path(self.items)
+            path = path if path.is_absolute() else self.schema_path.parent / path
+            self._item_table = ItemTable.load(path, self.schema)
+        return self._item_table
 
     def split_files(self, split: str) -> list[str]:
         spec = self.splits[split]
@@ -157,7 +174,7 @@ class MovieLens100k(ParquetDataModule):
         features: list[str] | None = None,
         embedding_dim: int | dict[str, int] | None = None,
     ) -> None:
-        from rec_dist.data.movielens import prepare_movielens_100k
+        from rec_dist.data.movielens import ITEMS_FILE, prepare_movielens_100k
 
         if split not in ("ranking", "retrieval"):
             raise ValueError(f"data.init_args.split must be 'ranking' or 'retrieval', got {split!r}")
@@ -174,4 +191,5 @@ class MovieLens100k(ParquetDataModule):
             seed=seed,
             features=features,
             embedding_dim=embedding_dim,
+            items=ITEMS_FILE,
         )

@@ -3,6 +3,7 @@
 Output (``<data_dir>/movielens-100k/``, built in a temporary directory then renamed)::
 
     schema.yaml                      # rec_dist Schema
+    items.parquet                    # every item 1..N: item_id + the schema's 'item' group (ItemTable)
     stats.json                       # row counts, like rate per split, source, checksums
     ranking/{train,val,test}.parquet     # global time split 80/10/10
     retrieval/{train,val,test}.parquet   # per-user leave-last-out
@@ -30,10 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rec_dist.io import atomic_dir, build_lock
-from rec_dist.errors import DataError, SchemaError
 from rec_dist.data.movielens_sources import GENRES, RawMovieLens, acquire
 from rec_dist.data.schema import Feature, Label, Schema, Table
+from rec_dist.errors import DataError, SchemaError
+from rec_dist.io import atomic_dir, build_lock
 
 log = logging.getLogger("rec_dist.data.movielens")
 
@@ -41,6 +42,8 @@ DIRNAME = "movielens-100k"
 SPLITS = ("train", "val", "test")
 EMBEDDING_DIM = 16
 ROW_GROUP_SIZE = 16_384
+ITEMS_FILE = "items.parquet"
+ITEM_COLUMNS = ("item_id", "genres", "primary_genre", "release_decade", "release_year")
 
 GENDERS = ("F", "M")  # 1, 2
 AGE_EDGES = (18, 25, 35, 45, 50, 56)  # MovieLens-1M buckets: <18, 18-24, ..., 56+ -> 1..7
@@ -104,6 +107,9 @@ def _build(out: Path, max_history: int, source_dir: str | Path | None) -> Path:
                 log.info("wrote %s/%s.parquet: %d rows", kind, split, part.num_rows)
         rows = {kind: {s: len(idx) for s, idx in zip(SPLITS, parts, strict=True)}
                 for kind, parts in splits.items()}
+        items = build_items(raw)
+        pq.write_table(items, tmp / ITEMS_FILE, compression="zstd")
+        log.info("wrote %s: %d items", ITEMS_FILE, items.num_rows)
         make_schema(len(raw.users), len(raw.items), max_history, raw.source, rows).save(tmp / "schema.yaml")
         stats["build_seconds"] = round(time.perf_counter() - start, 3)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
@@ -115,13 +121,17 @@ def _is_complete(out: Path, max_history: int) -> bool:
     if not (out / "schema.yaml").is_file():
         return False
     try:
-        built_with = Schema.load(out / "schema.yaml").feature("hist_item_id").max_len
+        schema = Schema.load(out / "schema.yaml")
+        built_with = schema.feature("hist_item_id").max_len
     except SchemaError as err:
         log.warning("existing %s is unreadable (%s); rebuilding", out / "schema.yaml", err)
         return False
     if built_with != max_history:
         log.info("existing %s was built with max_history=%s, not %d; rebuilding",
                  out, built_with, max_history)
+        return False
+    if not (out / ITEMS_FILE).is_file() or "item" not in schema.groups:
+        log.info("existing %s predates the item table (%s) and feature groups; rebuilding", out, ITEMS_FILE)
         return False
     return True
 
@@ -242,6 +252,18 @@ def build_events(raw: RawMovieLens, max_history: int) -> pa.Table:
         "timestamp": ts.astype(np.int64),
     }
     return pa.table({k: pa.array(v) if isinstance(v, np.ndarray) else v for k, v in columns.items()})
+
+
+def build_items(raw: RawMovieLens) -> pa.Table:
+    """Every item (contiguous ids 1..N) with the item features the event rows carry."""
+    raw_items = np.array([i[0] for i in raw.items], np.int64)
+    item_ids = _index(raw_items, "item", raw.source)
+    items = _item_features(raw, _map(raw_items, item_ids, "item", raw.source))
+    ids = np.arange(1, len(raw.items) + 1, dtype=np.int64)
+    columns = {"item_id": ids, "genres": items["genres"].take(pa.array(ids)),
+               **{k: items[k][ids] for k in ("primary_genre", "release_decade", "release_year")}}
+    table = pa.table({k: pa.array(v) if isinstance(v, np.ndarray) else v for k, v in columns.items()})
+    return table.select(list(ITEM_COLUMNS))
 
 
 def _time_order(table: pa.Table, idx: np.ndarray) -> np.ndarray:

@@ -45,12 +45,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rec_dist.io import atomic_dir, build_lock
 from rec_dist.data.datamodule import ParquetDataModule
-from rec_dist.errors import DataError, SchemaError
 from rec_dist.data.movielens import EMBEDDING_DIM, ROW_GROUP_SIZE, SPLITS, _runs_start, prepare_movielens_100k
 from rec_dist.data.schema import Schema
 from rec_dist.data.synth.config import NEW, REGULAR
+from rec_dist.errors import DataError, SchemaError
+from rec_dist.io import atomic_dir, build_lock
 
 log = logging.getLogger("rec_dist.data.movielens")
 DIRNAME = "movielens-100k-mt"

@@ -22,8 +22,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from rec_dist.data.batch import Batch
 from rec_dist.data.columns import ColumnChunk
-from rec_dist.errors import DataError
 from rec_dist.data.schema import Schema
+from rec_dist.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from rec_dist.errors import RecDistError
 from rec_dist.data.synth.config import COEFFICIENTS, NEW, SynthConfig
 from rec_dist.data.synth.random import (
     S_AGE_1,
@@ -30,6 +29,7 @@ from rec_dist.data.synth.random import (
     _Rng,
     _zipf_rank,
 )
+from rec_dist.errors import RecDistError
 
 
 class _Model:

@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rec_dist.io import atomic_dir
 from rec_dist.data.schema import Schema
 from rec_dist.data.synth.config import NEW, SynthConfig
 from rec_dist.data.synth.rows import ARROW_SCHEMA, generate_rows
 from rec_dist.data.synth.rules import _Model
+from rec_dist.io import atomic_dir
 
 SPLITS = ("train", "val", "test")
 # Sequence positions generated at once; bounds memory for long sequences.
