@@ -5,7 +5,7 @@ shards, written by N ranks) is read back in one process into full tensors;
 a single-process checkpoint (a file) is read as is. The output holds what
 ``load_exported`` needs to rebuild the model without the training config:
 
-    {"model_class": "rec_dist.models.DeepFM", "model_init_args": {...}, "tasks": [...],
+    {"model_class": "rec_dist.models.DeepFM", "model_init_args": {...}, "tasks": [...] (None: not ranking),
      "schema": {...}, "state_dict": {...}}
 """
 

@@ -38,6 +38,78 @@ def check_tasks(schema: Schema, tasks: Sequence[str], model: str = "model") -> t
     return names
 
 
+def pair_query_sequences(
+    schema: Schema, query: Sequence[str] | None, sequences: Sequence[str] | None, model: str
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Checked ``(query_features, sequence_features)`` of a target-attention model (DIN, BST).
+
+    Query i (a sparse / multi-hot feature of the candidate) pairs with sequence i (its history,
+    same embedding dim); the sequences must be aligned (one max_len). Both None: each sequence
+    pairs with the one sparse feature on its table. Errors name ``model``.
+    """
+    if query is None and sequences is None:
+        query, sequences = _default_pairs(schema, model)
+    elif query is None or sequences is None:
+        raise ValueError(
+            f"{model}: give both query_features and sequence_features (paired position by position), "
+            "or neither to pair each sequence with the sparse feature on its table"
+        )
+    query = (query,) if isinstance(query, str) else tuple(query)
+    sequences = (sequences,) if isinstance(sequences, str) else tuple(sequences)
+    if not query or len(query) != len(sequences):
+        raise ValueError(
+            f"{model}: query_features {list(query)} and sequence_features {list(sequences)} must be non-empty "
+            f"lists of the same length (paired position by position)"
+        )
+    unknown = [n for n in query + sequences if n not in schema.features]
+    if unknown:
+        raise ValueError(
+            f"{model}: unknown features {unknown}; schema {schema.name!r} has features {sorted(schema.features)}"
+        )
+    for name in query:
+        kind = schema.features[name].kind
+        if kind not in ("sparse", "multi_hot"):
+            raise ValueError(f"{model}: query feature {name!r} must be sparse or multi_hot, it is {kind}")
+    for name in sequences:
+        kind = schema.features[name].kind
+        if kind != "sequence":
+            raise ValueError(f"{model}: sequence feature {name!r} must be of kind sequence, it is {kind}")
+    repeated = sorted({n for n in sequences if sequences.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{model}: sequence features {repeated} are listed more than once")
+    for q, s in zip(query, sequences, strict=True):
+        dq, ds = schema.table_of(q).embedding_dim, schema.table_of(s).embedding_dim
+        if dq != ds:
+            raise ValueError(
+                f"{model}: query feature {q!r} (table {schema.features[q].table!r}, dim {dq}) and sequence "
+                f"{s!r} (table {schema.features[s].table!r}, dim {ds}) must have the same embedding_dim"
+            )
+    max_lens = {s: schema.features[s].max_len for s in sequences}
+    if len(set(max_lens.values())) > 1:
+        raise ValueError(f"{model}: the sequence features must share one max_len, got {max_lens}")
+    return query, sequences
+
+
+def _default_pairs(schema: Schema, model: str) -> tuple[list[str], list[str]]:
+    query, sequences = [], []
+    for seq in schema.of_kind("sequence"):
+        candidates = [f.name for f in schema.of_kind("sparse") if f.table == seq.table]
+        if len(candidates) > 1:
+            raise ValueError(
+                f"{model}: sequence {seq.name!r} shares table {seq.table!r} with several sparse features "
+                f"{candidates}; set query_features and sequence_features"
+            )
+        if candidates:
+            query.append(candidates[0])
+            sequences.append(seq.name)
+    if not sequences:
+        raise ValueError(
+            f"{model}: schema {schema.name!r} has no sequence feature sharing a table with a sparse feature; "
+            f"set query_features and sequence_features"
+        )
+    return query, sequences
+
+
 @dataclass(frozen=True)
 class FeatureSelection:
     """The inputs a model reads from ``EmbeddedFeatures``.
@@ -83,13 +155,11 @@ class FeatureSelection:
         if features is None:
             names = [name for name in schema.features if name not in excluded]
         else:
-            names = [features] if isinstance(features, str) else list(features)
-            unknown = [n for n in names if n not in schema.features]
-            if unknown:
-                raise ValueError(
-                    f"{model}: unknown features {unknown} in `features`; schema {schema.name!r} "
-                    f"has features {sorted(schema.features)}"
-                )
+            listed = [features] if isinstance(features, str) else list(features)
+            repeated = sorted({n for n in listed if listed.count(n) > 1})
+            if repeated:
+                raise ValueError(f"{model}: features {repeated} are listed more than once in `features`")
+            names = list(schema.expand(listed, where=f"{model}: features"))  # group names -> their features
             repeated = sorted({n for n in names if names.count(n) > 1})
             if repeated:
                 raise ValueError(f"{model}: features {repeated} are listed more than once in `features`")
@@ -159,11 +229,32 @@ class TaskHead(nn.Module):
 
 
 class RankingModel(nn.Module):
-    """Base of the ranking models: holds ``schema``, ``tasks`` and ``embeddings``."""
+    """Base of the ranking models: holds ``schema``, ``tasks`` and ``embeddings``.
+
+    ``input_features``: every schema feature the model reads (the data module
+    loads only these columns). A model declares them with ``declare_inputs``;
+    one that does not reads the whole schema.
+    """
 
     embeddings: FeatureEmbeddings
+    _inputs: tuple[str, ...] | None = None
 
     def __init__(self, schema: Schema, tasks: Sequence[str]) -> None:
         super().__init__()
         self.schema = schema
         self.tasks = check_tasks(schema, tasks, type(self).__name__)
+
+    def declare_inputs(self, *parts: FeatureSelection | Iterable[str] | None) -> tuple[str, ...]:
+        """Record the features this model reads (selections or name lists, in order; None skipped)."""
+        names: list[str] = []
+        for part in parts:
+            if part is None:
+                continue
+            members = (part.fields + part.dense) if isinstance(part, FeatureSelection) else tuple(part)
+            names += [n for n in members if n not in names]
+        self._inputs = tuple(names)
+        return self._inputs
+
+    @property
+    def input_features(self) -> tuple[str, ...]:
+        return self._inputs if self._inputs is not None else tuple(self.schema.features)

@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -58,19 +57,11 @@ from rec_dist.balancing.static import Balancer, StaticWeights
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.fused import SparseOptimizers
-from rec_dist.tasks.clipping import ClipsFusedTables
+from rec_dist.losses import POINTWISE_LOSSES, pointwise_loss
+from rec_dist.models.protocols import check_protocol
+from rec_dist.tasks.base import STAGES, OptimizerFactory, RankingModelFactory, RecTask, SchedulerFactory
 from rec_dist.tasks.group_metrics import GroupRule, RegressionMetrics, SubsetMetrics, UserGroups
-from rec_dist.tasks.ranking import (
-    STAGES,
-    EvalMetrics,
-    ModelFactory,
-    OptimizerFactory,
-    RankingTask,
-    SchedulerFactory,
-    attach_model,
-    check_fused_inference,
-    id_columns,
-)
+from rec_dist.tasks.ranking import EvalMetrics, id_column_names, id_columns
 
 __all__ = [
     "LOSSES",
@@ -83,7 +74,7 @@ __all__ = [
     "parse_tasks",
 ]
 
-LOSSES = ("bce", "mse")
+LOSSES = POINTWISE_LOSSES
 
 
 # ---- task specs ---------------------------------------------------------------------------------------
@@ -132,7 +123,7 @@ def parse_tasks(tasks: Mapping[str, Any] | None, schema: Schema) -> dict[str, Ta
 
 
 # ---- the task -------------------------------------------------------------------------------------------
-class MultiTaskTask(ClipsFusedTables):
+class MultiTaskTask(RecTask):
     """Trains a multi-task ranking model (``forward(batch) -> {task: logits (B,)}``); see the module docstring.
 
     Args:
@@ -151,7 +142,7 @@ class MultiTaskTask(ClipsFusedTables):
 
     def __init__(
         self,
-        model: ModelFactory,
+        model: RankingModelFactory,
         schema: Schema | None = None,
         tasks: dict[str, dict[str, Any]] | None = None,
         balancer: Balancer | None = None,
@@ -162,10 +153,8 @@ class MultiTaskTask(ClipsFusedTables):
         sparse_optimizer: SparseOptimizers | None = None,
         meta_embeddings: bool = False,
     ) -> None:
-        super().__init__()
-        if schema is None:
-            raise ValueError("MultiTaskTask needs the data schema (the CLI links it from data.schema)")
-        self.schema = schema
+        super().__init__(schema, optimizer, lr_scheduler, sparse_optimizer, meta_embeddings)
+        schema = self.schema
         self.specs = parse_tasks(tasks, schema)
         names = tuple(self.specs)
         if gauc_feature is not None and schema.feature(gauc_feature).kind != "sparse":
@@ -179,7 +168,8 @@ class MultiTaskTask(ClipsFusedTables):
             regression=[n for n, s in self.specs.items() if not s.binary],
         )
         self.automatic_optimization = not self.balancer.manipulates_gradients
-        attach_model(self, model, schema, names, optimizer, lr_scheduler, sparse_optimizer, meta_embeddings)
+        self.model = self.build_model(model, names)
+        check_protocol(self.model, "ranking")
         self.train_losses = nn.ModuleDict({n: MeanMetric() for n in names})
         self.metrics = nn.ModuleDict({
             stage: nn.ModuleDict({n: EvalMetrics() if s.binary else RegressionMetrics() for n, s in self.specs.items()})
@@ -193,9 +183,11 @@ class MultiTaskTask(ClipsFusedTables):
             for stage in STAGES
         })
 
-    def configure_model(self) -> None:
-        """As ``RankingTask``: fuse the sparse optimizer into the pooled tables (one process; idempotent)."""
-        RankingTask.configure_model(self)
+    def extra_columns(self) -> list[str]:
+        columns = [spec.label for spec in self.specs.values()] + id_column_names(self.schema)
+        columns += [self.gauc_feature] if self.gauc_feature else []
+        columns += [self.user_groups.feature] if self.user_groups else []
+        return columns
 
     # ---- training ---------------------------------------------------------------------------------
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -203,14 +195,8 @@ class MultiTaskTask(ClipsFusedTables):
 
     def task_losses(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         """The loss of each task on a batch: BCE on logits or MSE."""
-        losses = {}
-        for name, spec in self.specs.items():
-            out, target = outputs[name], batch.labels[spec.label].to(outputs[name].dtype)
-            if spec.binary:
-                losses[name] = F.binary_cross_entropy_with_logits(out, target)
-            else:
-                losses[name] = F.mse_loss(out, target)
-        return losses
+        return {name: pointwise_loss(spec.loss, outputs[name], batch.labels[spec.label])
+                for name, spec in self.specs.items()}
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         losses = self.task_losses(self(batch), batch)
@@ -225,11 +211,11 @@ class MultiTaskTask(ClipsFusedTables):
         size = batch.batch_size
         for name, loss in losses.items():
             self.train_losses[name].update(loss.detach(), weight=size)
-        self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=size,
-                 sync_dist=self.trainer.world_size > 1)
+        self.log_train_loss(total, size)
         return total
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         means = {name: float(metric.compute()) for name, metric in self.train_losses.items()}
         for metric in self.train_losses.values():
             metric.reset()
@@ -246,7 +232,7 @@ class MultiTaskTask(ClipsFusedTables):
 
     # ---- evaluation -------------------------------------------------------------------------------
     def _eval_step(self, batch: Batch, stage: str) -> None:
-        check_fused_inference(self.fused_on_cpu)
+        self.check_fused_inference()
         outputs = self(batch)
         gauc_groups = batch.ids(self.gauc_feature) if self.gauc_feature else None
         masks = self.user_groups.masks(batch) if self.user_groups else {}
@@ -275,7 +261,7 @@ class MultiTaskTask(ClipsFusedTables):
             if binary:
                 values[f"{stage}/{key}"] = torch.stack([values[f"{stage}/{n}/{key}"].float() for n in binary]).mean()
         # torchmetrics already synced these across ranks; sync_dist only averages equal values.
-        self.log_dict(values, sync_dist=self.trainer.world_size > 1)
+        self.log_dict(values, sync_dist=self.synced)
         if binary:  # the first binary task's scores feed the ROC / calibration plots
             metrics = self.metrics[stage][binary[0]]
             self.last_eval = {"stage": stage, "task": binary[0], "arrays": metrics.gauc.arrays(), "metrics": values}
@@ -295,10 +281,6 @@ class MultiTaskTask(ClipsFusedTables):
         for name, spec in self.specs.items():
             out[name] = torch.sigmoid(outputs[name]) if spec.binary else outputs[name]
         return out
-
-    def configure_optimizers(self):
-        """As ``RankingTask``: every parameter not updated by a fused sparse optimizer (balancer's included)."""
-        return RankingTask.configure_optimizers(self)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -39,7 +39,8 @@ def write_exported(task: nn.Module, model_config, ckpt_path: str | Path, output:
     payload = {
         "model_class": model_config.class_path,
         "model_init_args": init_args.as_dict() if init_args is not None else {},
-        "tasks": list(getattr(task.model, "tasks", [])),
+        # Ranking models are built as model(schema, tasks, ...); the others as model(schema, ...).
+        "tasks": list(task.model.tasks) if hasattr(task.model, "tasks") else None,
         "schema": task.schema.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in task.model.state_dict().items()},
     }
@@ -50,11 +51,17 @@ def write_exported(task: nn.Module, model_config, ckpt_path: str | Path, output:
 
 
 def load_exported(path: str | Path) -> nn.Module:
-    """Rebuild the exported model (plain nn.Module, eval mode) from ``export``'s file."""
+    """Rebuild the exported model (plain nn.Module, eval mode) from ``export``'s file.
+
+    The file holds ``model_class``, ``model_init_args``, ``tasks`` (None for models that are not
+    ranking models: see ``rec_dist.models.protocols``), ``schema`` and ``state_dict``.
+    """
     payload = torch.load(path, map_location="cpu", weights_only=False)
     module_name, _, class_name = payload["model_class"].rpartition(".")
     model_class = getattr(importlib.import_module(module_name), class_name)
     schema = Schema.from_dict(payload["schema"], source=str(path))
-    model = model_class(schema, payload["tasks"], **payload["model_init_args"])
+    tasks = payload.get("tasks")
+    leading = (schema,) if tasks is None else (schema, tasks)
+    model = model_class(*leading, **payload["model_init_args"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()

@@ -187,7 +187,7 @@ def log_final_model(
         from rec_dist.data.schema import Schema
 
         payload = torch.load(exported, map_location="cpu", weights_only=False)
-        schema, tasks = Schema.from_dict(payload["schema"]), list(payload["tasks"])
+        schema, tasks = Schema.from_dict(payload["schema"]), list(payload.get("tasks") or [])
         del payload
         with using_tracking_uri(uri):
             client = mlflow.MlflowClient(uri)

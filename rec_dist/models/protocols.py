@@ -1,0 +1,89 @@
+"""The three model protocols: what a task may call on a model, and nothing more.
+
+One interface per task kind means one evaluator, one tuner, one exporter for
+every model of that kind (RecBole's lesson). A model is a pure ``nn.Module``
+built as ``Model(schema, ...)``; it never knows whether its tables are
+sharded, and it declares the schema features it reads as ``input_features``
+(the data module loads only those columns). Shapes: B rows in a batch, N
+items, d the vector width, K interests, E events in a batch's sequences.
+
+**Ranking** (``RankingTask``, ``MultiTaskTask``)::
+
+    model = Model(schema, tasks, **init_args)
+    model(batch) -> {task: logits (B,)}            # one logit (or regression output) per task
+
+**Retrieval** (``RetrievalTask``)::
+
+    model = Model(schema, **init_args)
+    model.encode_query(batch)      -> (B, d)  or (B, K, d) for multi-interest models
+    model.encode_item(item_batch)  -> (N, d)
+
+``item_batch`` is a ``Batch`` of item features (a training batch's own
+items, or the item table's rows for the corpus pass): training, the corpus
+pass, the evaluator and an exported index all use the same two functions.
+A multi-interest query scores an item by its best interest.
+
+**Next item** (``NextItemTask``)::
+
+    model = Model(schema, **init_args)
+    model.encode_sequence(batch)   -> JaggedSequence: values (E, d), offsets (B+1,)
+    model.encode_item(item_batch)  -> (N, d)
+    model.sequence_feature         -> the sequence feature whose ids are the events' items
+
+``encode_sequence`` gives one hidden state per event of the jagged
+sequence, each summarising that event and the ones before it (causal), so
+the state at event t is scored against item vectors to predict event t+1;
+the state at the last event is the query for the row's target item.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from rec_dist.data.batch import Batch
+
+KINDS = ("ranking", "retrieval", "next_item")
+
+
+@runtime_checkable
+class RankingModelProtocol(Protocol):
+    tasks: tuple[str, ...]
+
+    def __call__(self, batch: Batch) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class RetrievalModelProtocol(Protocol):
+    def encode_query(self, batch: Batch) -> torch.Tensor: ...
+
+    def encode_item(self, item_batch: Batch) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class NextItemModelProtocol(Protocol):
+    sequence_feature: str
+
+    def encode_sequence(self, batch: Batch): ...
+
+    def encode_item(self, item_batch: Batch) -> torch.Tensor: ...
+
+
+_PROTOCOLS = {
+    "ranking": (RankingModelProtocol, "forward(batch) -> {task: logits} and a `tasks` attribute"),
+    "retrieval": (RetrievalModelProtocol, "encode_query(batch) and encode_item(item_batch)"),
+    "next_item": (NextItemModelProtocol, "encode_sequence(batch), encode_item(item_batch), `sequence_feature`"),
+}
+
+
+def check_protocol(model: object, kind: str, where: str = "model.init_args.model") -> None:
+    """Raise a clear error when ``model`` does not offer what a task of ``kind`` calls."""
+    if kind not in _PROTOCOLS:
+        raise ValueError(f"unknown model kind {kind!r}; choose one of {KINDS}")
+    protocol, needs = _PROTOCOLS[kind]
+    if not isinstance(model, protocol):
+        raise TypeError(
+            f"{where}: {type(model).__name__} is not a {kind} model; a {kind} task needs {needs} "
+            f"(see rec_dist.models.protocols)"
+        )
