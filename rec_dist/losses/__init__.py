@@ -2,5 +2,12 @@
 ``rec_dist.balancing``."""
 
 from rec_dist.losses.pointwise import POINTWISE_LOSSES, pointwise_loss
+from rec_dist.losses.sampled_softmax import in_batch_softmax_loss, sampled_softmax_logits, sampled_softmax_loss
 
-__all__ = ["POINTWISE_LOSSES", "pointwise_loss"]
+__all__ = [
+    "POINTWISE_LOSSES",
+    "in_batch_softmax_loss",
+    "pointwise_loss",
+    "sampled_softmax_logits",
+    "sampled_softmax_loss",
+]

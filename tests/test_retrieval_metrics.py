@@ -1,0 +1,122 @@
+"""Full-corpus retrieval metrics and seen items: against brute-force python loops."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rec_dist.data.interactions import SeenItems
+from rec_dist.errors import DataError
+from rec_dist.metrics.retrieval import RetrievalMetrics, target_ranks
+
+
+def naive_rank(q, items, ids, target, excluded):
+    """1 + number of other, non-excluded, non-padding items scoring >= the target (pessimistic ties)."""
+    def score(vec):
+        return max(sum(a * b for a, b in zip(qk, vec, strict=True)) for qk in q)
+
+    t = score(items[ids.index(target)])
+    return 1 + sum(
+        1 for vec, i in zip(items, ids, strict=True)
+        if i != target and i != 0 and i not in excluded and score(vec) >= t
+    )
+
+
+def naive_metrics(ranks, ks):
+    out = {}
+    for k in ks:
+        out[f"recall@{k}"] = sum(r <= k for r in ranks) / len(ranks)
+        out[f"ndcg@{k}"] = sum(1 / math.log2(r + 1) for r in ranks if r <= k) / len(ranks)
+    out["mrr"] = sum(1 / r for r in ranks) / len(ranks)
+    return out
+
+
+def random_case(seed, batch=7, num_items=40, dim=3, interests=None):
+    """Integer-valued vectors (exact scores, many ties), a padding id 0 and seen sets per query."""
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(np.arange(1, 200), num_items - 1, replace=False))
+    ids = np.concatenate([[0], ids])  # padding id 0 in the corpus: never ranked
+    items = rng.integers(-2, 3, (num_items, dim)).astype(np.float32)
+    shape = (batch, dim) if interests is None else (batch, interests, dim)
+    query = rng.integers(-2, 3, shape).astype(np.float32)
+    targets = rng.choice(ids[1:], batch)
+    seen = [sorted(set(rng.choice(ids[1:], rng.integers(0, 8)).tolist()) | {999}) for _ in range(batch)]
+    seen[0] = sorted(set(seen[0]) | {int(targets[0])})  # a target in the seen set is still ranked
+    offsets = np.cumsum([0] + [len(s) for s in seen])
+    values = np.concatenate([np.array(s, np.int64) for s in seen])
+    return query, items, ids, targets, seen, (torch.from_numpy(offsets), torch.from_numpy(values))
+
+
+@pytest.mark.parametrize("interests", [None, 3])
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_ranks_match_brute_force_with_ties_and_seen_items(chunk, interests):
+    for seed in range(3):
+        query, items, ids, targets, seen, exclude = random_case(seed, interests=interests)
+        got = target_ranks(torch.from_numpy(query), torch.from_numpy(items), torch.from_numpy(ids),
+                           torch.from_numpy(targets), exclude, chunk_size=chunk)
+        qs = [q.tolist() if interests else [q.tolist()] for q in query]
+        ref = [naive_rank(qs[b], items.tolist(), ids.tolist(), int(targets[b]), set(seen[b]) - {int(targets[b])})
+               for b in range(len(targets))]
+        assert got.tolist() == ref
+
+
+def test_ties_are_pessimistic_and_seen_items_are_removed():
+    items = torch.tensor([[0.0], [1.0], [1.0], [1.0], [2.0]])  # ids 0 (padding), 1..4
+    ids = torch.arange(5)
+    q = torch.ones(2, 1)
+    # target 2 ties with items 1 and 3, item 4 scores higher, padding 0 would score lowest anyway
+    assert target_ranks(q, items, ids, torch.tensor([2, 2])).tolist() == [4, 4]
+    exclude = (torch.tensor([0, 2, 2]), torch.tensor([4, 3]))  # query 0 saw items 4 and 3
+    assert target_ranks(q, items, ids, torch.tensor([2, 2]), exclude).tolist() == [2, 4]
+    constant = torch.zeros(5, 1)  # a model that scores everything the same ranks the target last
+    assert target_ranks(q, constant, ids, torch.tensor([3, 1])).tolist() == [4, 4]
+
+
+def test_metrics_from_ranks_match_the_formulas():
+    ranks = [1, 3, 10, 11, 50, 51, 2]
+    metric = RetrievalMetrics(ks=(10, 50))
+    metric.update(torch.tensor(ranks[:4]))
+    metric.update(torch.tensor(ranks[4:]))
+    got = {k: float(v) for k, v in metric.compute().items()}
+    assert got == pytest.approx(naive_metrics(ranks, (10, 50)), rel=1e-6)
+    # rank 3 -> 1/log2(4) = 0.5 whatever the target's id or corpus position
+    one = RetrievalMetrics(ks=(5,))
+    one.update(torch.tensor([3]))
+    assert float(one.compute()["ndcg@5"]) == pytest.approx(0.5)
+
+
+def test_ndcg_catches_index_instead_of_rank():
+    """End to end: the target sits at corpus position 7 but ranks 2nd; NDCG must be 1/log2(3)."""
+    items = torch.zeros(10, 2)
+    items[7] = torch.tensor([1.0, 0.0])  # the target, id 7
+    items[4] = torch.tensor([2.0, 0.0])  # one item above it
+    metric = RetrievalMetrics(ks=(10,))
+    metric.update(target_ranks(torch.tensor([[1.0, 0.0]]), items, torch.arange(10), torch.tensor([7])))
+    assert float(metric.compute()["ndcg@10"]) == pytest.approx(1 / math.log2(3))
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="not in the corpus"):
+        target_ranks(torch.ones(1, 2), torch.ones(3, 2), torch.tensor([1, 2, 3]), torch.tensor([9]))
+    with pytest.raises(ValueError, match="sorted"):
+        target_ranks(torch.ones(1, 2), torch.ones(3, 2), torch.tensor([3, 2, 1]), torch.tensor([2]))
+    with pytest.raises(ValueError, match="distinct positive"):
+        RetrievalMetrics(ks=(10, 10))
+
+
+def test_seen_items_from_parquet(tmp_path):
+    users = np.array([3, 1, 3, 3, 5, 1])
+    items = np.array([9, 4, 2, 9, 7, 8])  # user 3 saw item 9 twice
+    pq.write_table(pa.table({"user_id": users[:3], "item_id": items[:3], "x": np.zeros(3)}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"user_id": users[3:], "item_id": items[3:]}), tmp_path / "b.parquet")
+    seen = SeenItems.from_parquet([tmp_path / "a.parquet", tmp_path / "b.parquet"], "user_id", "item_id")
+    offsets, values = seen.of(torch.tensor([3, 1, 0, 5, 42]))  # user 0 has none, 42 is beyond the table
+    per_user = [values[offsets[i]:offsets[i + 1]].tolist() for i in range(5)]
+    assert per_user == [[2, 9], [4, 8], [], [7], []]
+    with pytest.raises(DataError, match="b.parquet.*'user'"):
+        SeenItems.from_parquet([tmp_path / "b.parquet"], "user", "item_id")
