@@ -57,6 +57,9 @@ class ParquetDataModule(pl.LightningDataModule):
     Rows are split evenly over ranks and ``num_workers`` loader processes.
     ``embedding_dim`` overrides the schema's table dims (one int for every table,
     or ``{table: dim}``), so a config or a tuning space can change them.
+    Only the columns the task reads are read from disk: when the trainer's
+    LightningModule has ``input_columns()`` (model inputs, labels, id columns),
+    the loaders read and check those alone.
     ``items`` names the item table (``items.parquet``: the item id column and
     the schema's ``item`` group); ``item_table()`` loads it once.
     """
@@ -129,8 +132,16 @@ class ParquetDataModule(pl.LightningDataModule):
                 num_workers=self.num_workers,
                 equal_batches="min" if training else "max",
                 labels=split != "predict",
+                columns=self.input_columns(),
             )
         return self._datasets[split]
+
+    def input_columns(self) -> list[str] | None:
+        """The columns the attached task reads (its ``input_columns()``); None (all) without one."""
+        trainer = self.trainer
+        module = trainer.lightning_module if trainer is not None else None
+        ask = getattr(module, "input_columns", None)
+        return list(ask()) if callable(ask) else None
 
     def _loader(self, split: str) -> DataLoader:
         kwargs = loader_kwargs(self.num_workers)

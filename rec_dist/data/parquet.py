@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +93,11 @@ class ParquetBatches(IterableDataset):
     ``equal_batches="min"`` (training) every part stops at the smallest part's
     batch count, and with ``"max"`` (evaluation: no row may be lost) smaller
     parts are padded with empty batches. Both counts come from the footers.
+
+    ``columns`` (None: all) limits the feature columns read from parquet and
+    checked to those named (labels are read whenever ``labels``); the batch's KJT
+    grouping still follows the full schema, so a feature not read is simply
+    absent from its KJT.
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class ParquetBatches(IterableDataset):
         num_workers: int = 0,
         equal_batches: str | None = None,
         labels: bool = True,
+        columns: Sequence[str] | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -119,6 +125,7 @@ class ParquetBatches(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.workers = max(1, num_workers)
         self.equal_batches, self.labels = equal_batches, labels
+        self.features = None if columns is None else read_features(schema, columns)
         self.groups = row_groups(files)
         self.epoch = 0
 
@@ -175,16 +182,18 @@ class ParquetBatches(IterableDataset):
         for group in groups:
             pf = files.get(group.path) or files.setdefault(group.path, pq.ParquetFile(group.path))
             try:
-                columns = [c for c in self.schema.columns if c in pf.schema_arrow.names]
-                if not self.labels:
-                    columns = [c for c in columns if c not in self.schema.labels]
+                wanted = [*(self.schema.features if self.features is None else self.features),
+                          *(self.schema.labels if self.labels else ())]
+                # A missing column is reported, with its file, by ColumnChunk.from_arrow.
+                columns = [c for c in wanted if c in pf.schema_arrow.names]
                 table = pf.read_row_group(group.index, columns=columns)
             except (pa.ArrowInvalid, OSError) as err:
                 raise DataError(f"{group.path}: row group {group.index} cannot be read ({err})") from err
             if group.start or group.stop is not None:
                 table = table.slice(group.start, group.rows)
             if table.num_rows:
-                yield ColumnChunk.from_arrow(table, self.schema, group.path, labels=self.labels)
+                yield ColumnChunk.from_arrow(table, self.schema, group.path, labels=self.labels,
+                                             features=self.features)
 
     def _cut(self, chunks: Iterator[ColumnChunk], rng: np.random.Generator) -> Iterator[tuple[Batch, ColumnChunk]]:
         """Fill a buffer of rows, shuffle it, cut full batches; the rest carries over.
@@ -214,6 +223,18 @@ class ParquetBatches(IterableDataset):
                 if self.drop_last and start + self.batch_size > merged.num_rows:
                     return
                 yield merged.slice(start, start + self.batch_size).to_batch(self.schema), merged
+
+
+def read_features(schema: Schema, columns: Sequence[str]) -> list[str]:
+    """The schema features among ``columns`` (in schema order); a column the schema lacks is an error."""
+    unknown = [c for c in columns if c not in schema.features and c not in schema.labels]
+    if unknown:
+        raise DataError(
+            f"columns {unknown} asked for (the task's input_columns()) are neither features nor labels of "
+            f"schema {schema.name!r}; features: {sorted(schema.features)}, labels: {sorted(schema.labels)}"
+        )
+    wanted = set(columns)
+    return [name for name in schema.features if name in wanted]
 
 
 def loader_kwargs(num_workers: int) -> dict:
