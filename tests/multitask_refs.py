@@ -2,7 +2,7 @@
 
 References read the embedding rows straight from the tables (``ref_fields``) and apply the
 naive per-sample layer references of ``test_personalization``. ``CASES`` builds each model
-small; ``KNOBS`` lists the personalisation knob combinations each is checked with.
+small; ``KNOBS`` lists the personalisation blocks (``personalization``) each is checked with.
 """
 
 from __future__ import annotations
@@ -14,30 +14,25 @@ from torch import nn
 
 from rec_dist.layers.personalization import PPNet
 from rec_dist.models import ESMM, PLE, MMoE, SharedBottom
+from rec_dist.models.personalized import LHUCConfig, PEPNetConfig, PersonalizationConfig, POSOConfig
 from tests.model_helpers import ALL_DENSE, ALL_FIELDS, ref_fields
 from tests.test_personalization import ref_cgc_row, ref_gate, ref_lhuc, ref_moe_row, ref_row, sig
 
 TASKS = ["like", "click"]
 
-LHUC = {"lhuc": True, "lhuc_features": ["user_id", "age"]}
-PEPNET = {
-    "pepnet": True,
-    "pepnet_domain_features": ["primary_genre"],
-    "pepnet_id_features": ["user_id", "item_id"],
-    "pepnet_gamma": 1.5,
-    "pepnet_gate_hidden": 3,
-}
+LHUC = LHUCConfig(features=("user_id", "age"))
+PEPNET = PEPNetConfig(domain_features=("primary_genre",), id_features=("user_id", "item_id"), gamma=1.5, gate_hidden=3)
 POSO_FEATURES = ["tags", "vec"]  # a pooled field and a dense feature: the code concatenates both
 
 
-def poso(mode: str, layers: str = "all") -> dict:
-    return {
-        "poso": mode,
-        "poso_features": POSO_FEATURES,
-        "poso_scale": 2.5,
-        "poso_layers": layers,
-        "poso_gate_hidden": 4,
-    }
+def poso(mode: str, layers: str = "all") -> POSOConfig:
+    return POSOConfig(mode=mode, features=POSO_FEATURES, scale=2.5, layers=layers, gate_hidden=4)
+
+
+def knobs(*blocks: LHUCConfig | PEPNetConfig | POSOConfig) -> dict:
+    """The model keyword ``personalization`` with these blocks on."""
+    names = {LHUCConfig: "lhuc", PEPNetConfig: "pepnet", POSOConfig: "poso"}
+    return {"personalization": PersonalizationConfig(**{names[type(b)]: b for b in blocks})}
 
 
 # ---- references ------------------------------------------------------------------------------------
@@ -53,7 +48,7 @@ def ref_inputs(model, rows, b):
         delta = ref_gate(model.personal.epnet.gate, torch.cat([f["primary_genre"], emb]))
         emb = delta * emb
         ids = torch.cat([f["user_id"], f["item_id"]])
-    u = torch.cat([f[n] for n in LHUC["lhuc_features"]])
+    u = torch.cat([f[n] for n in LHUC.features])
     code = torch.cat([f[n] for n in POSO_FEATURES])
     return torch.cat([emb, dense]), u, code, ids
 
@@ -137,19 +132,24 @@ CASES = {
 
 KNOBS = [
     ("shared_bottom", {}),
-    ("shared_bottom", {**LHUC, **PEPNET, **poso("mlp")}),
-    ("shared_bottom", {**LHUC, **poso("mlp", "first")}),
+    ("shared_bottom", knobs(LHUC, PEPNET, poso("mlp"))),
+    ("shared_bottom", knobs(LHUC, poso("mlp", "first"))),
     ("mmoe", {}),
-    ("mmoe", {**LHUC, **PEPNET, **poso("mmoe")}),
+    ("mmoe", knobs(LHUC, PEPNET, poso("mmoe"))),
     ("ple", {}),
-    ("ple", {**LHUC, **PEPNET, **poso("mmoe")}),
-    ("ple", {**poso("mmoe", "first")}),
+    ("ple", knobs(LHUC, PEPNET, poso("mmoe"))),
+    ("ple", knobs(poso("mmoe", "first"))),
     ("esmm", {}),
-    ("esmm", {**PEPNET}),
-    ("esmm_bottom", {**LHUC, **PEPNET, **poso("mlp")}),
+    ("esmm", knobs(PEPNET)),
+    ("esmm_bottom", knobs(LHUC, PEPNET, poso("mlp"))),
 ]
-KNOB_IDS = [
-    f"{name}-{'+'.join(k for k in ('lhuc', 'pepnet', 'poso') if k in knobs) or 'base'}" for name, knobs in KNOBS
-]
-KNOB_IDS[2] += "-first"
-KNOB_IDS[7] += "-first"
+
+
+def _knob_id(name: str, knobs: dict) -> str:
+    config = knobs.get("personalization")
+    on = [k for k in ("lhuc", "pepnet", "poso") if config is not None and getattr(config, k) is not None]
+    first = "-first" if config is not None and config.poso is not None and config.poso.layers == "first" else ""
+    return f"{name}-{'+'.join(on) or 'base'}{first}"
+
+
+KNOB_IDS = [_knob_id(name, k) for name, k in KNOBS]

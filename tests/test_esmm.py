@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from rec_dist.data.schema import Schema
 from rec_dist.models import ESMM, ctcvr_logit
 from tests.model_helpers import bce, randomise, to_batch, toy_rows, toy_schema
-from tests.multitask_refs import LHUC, naive_ctcvr
+from tests.multitask_refs import LHUC, knobs, naive_ctcvr
 from tests.test_personalization import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
@@ -74,8 +74,8 @@ def test_esmm_task_errors():
     schema = toy_schema()
     with pytest.raises(ValueError, match="exactly"):
         ESMM(schema, ["click"])
-    with pytest.raises(ValueError, match="lhuc and poso scale the bottom"):
-        ESMM(schema, ["click", "like"], **LHUC)
+    with pytest.raises(ValueError, match="ESMM: personalization.lhuc and personalization.poso scale the bottom"):
+        ESMM(schema, ["click", "like"], **knobs(LHUC))
     regression = Schema.from_dict(
         {
             "name": "r",

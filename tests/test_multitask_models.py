@@ -6,6 +6,7 @@ ESMM's own outputs (the CTCVR logit, ``cvr_logits``, its task checks) are in ``t
 
 from __future__ import annotations
 
+from argparse import ArgumentError
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from rec_dist.data.schema import Schema
 from rec_dist.layers.personalization import PPNet
 from rec_dist.models import ESMM, PLE, MMoE, SharedBottom
 from rec_dist.models.multitask import MultiTaskMixin
+from rec_dist.models.personalized import LHUCConfig, PEPNetConfig, PersonalizationConfig, POSOConfig
 from tests.model_helpers import bce, multitask_task, randomise, to_batch, toy_rows, toy_schema
-from tests.multitask_refs import CASES, KNOB_IDS, KNOBS, PEPNET, TASKS
+from tests.multitask_refs import CASES, KNOB_IDS, KNOBS, PEPNET, TASKS, knobs
 from tests.test_personalization import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
@@ -48,7 +50,7 @@ def test_epnet_stop_gradient_inside_a_model(monkeypatch):
 
     schema = toy_schema()
     batch = to_batch(schema, toy_rows(n=8, seed=2))
-    model = SharedBottom(schema, TASKS, bottom_hidden=[6], tower_hidden=[4], **PEPNET)
+    model = SharedBottom(schema, TASKS, bottom_hidden=[6], tower_hidden=[4], **knobs(PEPNET))
     randomise(model)
     tags = model.embeddings.pooled.embedding_bags["tag"].weight  # read only as a general field
 
@@ -142,13 +144,13 @@ def test_parameter_groups_have_no_tables_with_fused_like_wrapping():
 
 # ---- learning a planted two-task signal -------------------------------------------------------------------
 
-GROUP_KNOBS = {
-    "lhuc": True,
-    "lhuc_features": ["user_group"],
-    "pepnet": True,
-    "pepnet_domain_features": ["user_group"],
-    "pepnet_id_features": ["user_id", "item_id"],
-}
+def personalised(mode: str) -> dict:
+    """LHUC, PEPNet and POSO (``mode``) all on, each reading the user group."""
+    return knobs(
+        LHUCConfig(features=["user_group"]),
+        PEPNetConfig(domain_features=["user_group"], id_features=["user_id", "item_id"]),
+        POSOConfig(mode=mode, features=["user_group"]),
+    )
 
 
 @pytest.mark.parametrize(
@@ -158,24 +160,10 @@ GROUP_KNOBS = {
         lambda s: MMoE(s, num_experts=3, expert_hidden=[16], tower_hidden=[16]),
         lambda s: PLE(s, num_levels=2, expert_hidden=[16], tower_hidden=[16]),
         lambda s: ESMM(s, tower_hidden=[16]),
-        lambda s: SharedBottom(
-            s, bottom_hidden=[32], tower_hidden=[16], poso="mlp", poso_features=["user_group"], **GROUP_KNOBS
-        ),
-        lambda s: MMoE(
-            s,
-            num_experts=3,
-            expert_hidden=[16],
-            tower_hidden=[16],
-            poso="mmoe",
-            poso_features=["user_group"],
-            **GROUP_KNOBS,
-        ),
-        lambda s: PLE(
-            s, expert_hidden=[16], tower_hidden=[16], poso="mmoe", poso_features=["user_group"], **GROUP_KNOBS
-        ),
-        lambda s: ESMM(
-            s, bottom_hidden=[16], tower_hidden=[16], poso="mlp", poso_features=["user_group"], **GROUP_KNOBS
-        ),
+        lambda s: SharedBottom(s, bottom_hidden=[32], tower_hidden=[16], **personalised("mlp")),
+        lambda s: MMoE(s, num_experts=3, expert_hidden=[16], tower_hidden=[16], **personalised("mmoe")),
+        lambda s: PLE(s, expert_hidden=[16], tower_hidden=[16], **personalised("mmoe")),
+        lambda s: ESMM(s, bottom_hidden=[16], tower_hidden=[16], **personalised("mlp")),
     ],
     ids=[
         "shared_bottom",
@@ -211,35 +199,74 @@ def test_learns_two_correlated_tasks(make):
 
 @pytest.mark.parametrize("cls", [SharedBottom, MMoE, PLE, ESMM])
 def test_knob_errors(cls):
+    """What depends on the model and the schema is checked by the model; errors name it and the key."""
     schema = toy_schema()
+    name = cls.__name__
     with pytest.raises(ValueError, match="unknown task 'ctr'"):
         cls(schema, ["ctr", "click"])
-    with pytest.raises(ValueError, match="lhuc is on but lhuc_features names no feature"):
-        cls(schema, ["click", "like"], lhuc=True, bottom_hidden=[4]) if cls in (SharedBottom, ESMM) else cls(
-            schema, ["click", "like"], lhuc=True
-        )
-    with pytest.raises(ValueError, match="pepnet is on but pepnet_domain_features names no feature"):
-        cls(schema, ["click", "like"], pepnet=True, pepnet_id_features=["user_id"])
-    with pytest.raises(ValueError, match=r"unknown features \['nope'\]"):
-        cls(schema, ["click", "like"], pepnet=True, pepnet_domain_features=["nope"], pepnet_id_features=["user_id"])
-    with pytest.raises(ValueError, match="poso must be None or one of"):
-        cls(schema, ["click", "like"], poso="attention", poso_features=["tags"])
-    with pytest.raises(ValueError, match="poso_layers must be"):
-        cls(schema, ["click", "like"], poso_layers="last")
+    hidden = {"bottom_hidden": [4]} if cls in (SharedBottom, ESMM) else {}
+    bad_domain = PEPNetConfig(domain_features=["nope"], id_features=["user_id"])
+    with pytest.raises(ValueError, match=rf"{name}: personalization.pepnet.domain_features: 'nope' is neither"):
+        cls(schema, ["click", "like"], **knobs(bad_domain))
+    with pytest.raises(ValueError, match=rf"{name}: personalization.lhuc.features: 'x' is neither"):
+        cls(schema, ["click", "like"], **hidden, **knobs(LHUCConfig(features=["user_id", "x"])))
+    with pytest.raises(ValueError, match=rf"{name}: personalization.poso.features: 'x' is neither"):
+        mode = "mlp" if cls in (SharedBottom, ESMM) else "mmoe"
+        cls(schema, ["click", "like"], **hidden, **knobs(POSOConfig(mode=mode, features=["x"])))
+    with pytest.raises(ValueError, match=rf"{name}: personalization.poso.mode 'mha' is not supported; {name} takes"):
+        cls(schema, ["click", "like"], **hidden, **knobs(POSOConfig(mode="mha", features=["tags"])))
+    with pytest.raises(TypeError, match=rf"{name}: personalization must be a PersonalizationConfig or None, got dict"):
+        cls(schema, ["click", "like"], personalization={"lhuc": {"features": ["user_id"]}})
+
+
+def test_personalization_config_errors_name_the_key():
+    """What a type can say is checked by the dataclasses themselves (also for Python callers)."""
+    with pytest.raises(ValueError, match=r"personalization.lhuc.features: name at least one schema feature or group"):
+        LHUCConfig(features=[])
+    with pytest.raises(ValueError, match=r"personalization.pepnet.id_features: name at least one"):
+        PEPNetConfig(domain_features=["user_group"], id_features=None)
+    with pytest.raises(ValueError, match=r"personalization.pepnet.gamma must be a positive number, got 0"):
+        PEPNetConfig(domain_features=["user_group"], id_features=["user_id"], gamma=0)
+    with pytest.raises(ValueError, match=r"personalization.poso.mode must be one of \['mlp', 'mmoe', 'mha'\]"):
+        POSOConfig(mode="attention", features=["tags"])
+    with pytest.raises(ValueError, match=r"personalization.poso.layers must be one of \['all', 'first'\]"):
+        POSOConfig(mode="mlp", features=["tags"], layers="last")
+    with pytest.raises(ValueError, match=r"personalization.poso.gate_hidden must be a positive number or null"):
+        POSOConfig(mode="mlp", features=["tags"], gate_hidden=-2)
+    with pytest.raises(TypeError, match=r"personalization.poso: expected a POSOConfig or None, got dict"):
+        PersonalizationConfig(poso={"mode": "mlp", "features": ["tags"]})
+    config = POSOConfig(mode="mlp", features=["tags"])  # a list or one name becomes a tuple: frozen and hashable
+    assert config.features == ("tags",) and hash(config) == hash(POSOConfig(mode="mlp", features="tags"))
 
 
 def test_poso_modes_per_model():
     schema = toy_schema()
-    with pytest.raises(ValueError, match=r"one of \['mlp'\]"):
-        SharedBottom(schema, poso="mmoe", poso_features=["tags"])
-    with pytest.raises(ValueError, match=r"one of \['mmoe'\]"):
-        MMoE(schema, poso="mlp", poso_features=["tags"])
-    with pytest.raises(ValueError, match="pepnet needs tower_hidden"):
-        SharedBottom(schema, tower_hidden=[], **PEPNET)
+    with pytest.raises(ValueError, match=r"SharedBottom: personalization.poso.mode 'mmoe' .* one of \['mlp'\]"):
+        SharedBottom(schema, **knobs(POSOConfig(mode="mmoe", features=["tags"])))
+    with pytest.raises(ValueError, match=r"MMoE: personalization.poso.mode 'mlp' .* one of \['mmoe'\]"):
+        MMoE(schema, **knobs(POSOConfig(mode="mlp", features=["tags"])))
+    with pytest.raises(ValueError, match="personalization.pepnet needs tower_hidden"):
+        SharedBottom(schema, tower_hidden=[], **knobs(PEPNET))
     with pytest.raises(ValueError, match="shared_experts must be positive"):
         PLE(schema, shared_experts=0)
     with pytest.raises(ValueError, match="bottom_hidden needs at least one layer"):
         SharedBottom(schema, bottom_hidden=[])
+
+
+def test_feature_lists_may_name_schema_groups():
+    """A personalisation feature list may name a schema group: the same model as naming its features."""
+    schema = Schema.from_dict({**toy_schema().to_dict(), "groups": {"profile": ["user_id", "age"]}})
+    rows = toy_rows()
+    built = []
+    for names in (["profile"], ["user_id", "age"]):
+        torch.manual_seed(0)
+        config = knobs(LHUCConfig(features=names), POSOConfig(mode="mmoe", features=names))
+        model = MMoE(schema, TASKS, num_experts=2, expert_hidden=[4], tower_hidden=[3], **config)
+        assert (model.personal.lhuc_selection.pooled, model.personal.lhuc_selection.dense) == (("user_id",), ("age",))
+        randomise(model)
+        built.append(model(to_batch(schema, rows)))
+    for task in TASKS:
+        assert_close(built[0][task], built[1][task])
 
 
 # ---- configs ----------------------------------------------------------------------------------------------
@@ -282,12 +309,35 @@ def test_configs_build_their_model(path, movielens_mt_schema):
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--model", type=Callable[[Schema, Sequence[str]], nn.Module])
     schema = movielens_mt_schema
-    switches = [{}, {"lhuc": True}, {"pepnet": True}]
-    switches.append({"poso": "mmoe" if model_cfg["class_path"].endswith(("MMoE", "PLE")) else "mlp"})
-    for switch in switches:
-        if ("lhuc" in switch or "poso" in switch) and model_cfg["class_path"].endswith("ESMM"):
-            switch = {**switch, "bottom_hidden": [16]}
-        cfg = {"class_path": model_cfg["class_path"], "init_args": {**model_cfg["init_args"], **switch}}
-        factory = parser.instantiate_classes(parser.parse_object({"model": cfg})).model
+    cls = model_cfg["class_path"]
+    mode = "mmoe" if cls.endswith(("MMoE", "PLE")) else "mlp"
+    assert model_cfg["init_args"]["personalization"] == {"lhuc": None, "pepnet": None, "poso": None}  # all off
+    blocks = [
+        {},
+        {"lhuc": {"features": ["user_id", "age", "gender", "occupation"]}},
+        {"pepnet": {"domain_features": ["user_group"], "id_features": ["user_id", "item_id"], "gamma": 1.5}},
+        {"poso": {"mode": mode, "features": ["user_group"], "scale": 3.0, "layers": "first"}},
+    ]
+    for block in blocks:
+        init_args = {**model_cfg["init_args"], "personalization": block}
+        if ("lhuc" in block or "poso" in block) and cls.endswith("ESMM"):
+            init_args["bottom_hidden"] = [16]
+        factory = parser.instantiate(parser.parse_object({"model": {"class_path": cls, "init_args": init_args}})).model
         model = factory(schema, tasks)
         assert model.tasks == tuple(tasks)
+        config = model.personal.config
+        assert isinstance(config, PersonalizationConfig)
+        for key, value in block.items():  # parsed into the typed dataclasses, values as given
+            parsed = getattr(config, key)
+            assert type(parsed).__name__ == {"lhuc": "LHUCConfig", "pepnet": "PEPNetConfig", "poso": "POSOConfig"}[key]
+            assert {k: list(v) if isinstance(v, tuple) else v for k, v in vars(parsed).items() if k in value} == value
+    # the same from the command line, one key at a time
+    prefix = "--model.init_args.personalization.poso"
+    args = ["--model", cls, f"{prefix}.mode", mode, f"{prefix}.features", "[user_group, age]", f"{prefix}.scale", "3"]
+    args += ["--model.init_args.bottom_hidden", "[16]"] if cls.endswith("ESMM") else []
+    model = parser.instantiate(parser.parse_args(args)).model(schema, tasks)
+    assert model.personal.config.poso == POSOConfig(mode=mode, features=("user_group", "age"), scale=3.0)
+    assert model.personal.poso_selection.fields == ("user_group", "age")
+    # a mode outside the Literal is refused by the parser, naming the key and the allowed values
+    with pytest.raises(ArgumentError, match=r"(?s)Parser key \"mode\".*Literal\['mlp', 'mmoe', 'mha'\]"):
+        parser.parse_args(["--model", cls, f"{prefix}.mode", "attention", f"{prefix}.features", "[user_group]"])

@@ -18,7 +18,7 @@ from torch import nn
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.layers.personalization import last_linear
-from rec_dist.models.personalized import tower_modules, tower_output_linear
+from rec_dist.models.personalized import PersonalizationConfig, tower_modules, tower_output_linear
 from rec_dist.models.shared_bottom import SharedBottom
 
 
@@ -45,8 +45,9 @@ class ESMM(SharedBottom):
     CTR tower, so it counts as shared; only the CVR tower is task-specific (of the ctcvr task).
 
     Args: as ``SharedBottom``; ``bottom_hidden`` (default empty, as in the paper: the
-    towers share only the embeddings) adds a shared MLP under the towers; lhuc and
-    poso='mlp' scale its hidden layers and need it.
+    towers share only the embeddings) adds a shared MLP under the towers;
+    ``personalization.lhuc`` and ``personalization.poso`` (mode ``mlp``) scale its hidden layers
+    and need it.
     """
 
     _allow_empty_bottom = True
@@ -61,18 +62,7 @@ class ESMM(SharedBottom):
         activation: str = "relu",
         dropout: float = 0.0,
         batchnorm: bool = False,
-        lhuc: bool = False,
-        lhuc_features: list[str] | None = None,
-        pepnet: bool = False,
-        pepnet_domain_features: list[str] | None = None,
-        pepnet_id_features: list[str] | None = None,
-        pepnet_gamma: float = 2.0,
-        pepnet_gate_hidden: int | None = None,
-        poso: str | None = None,
-        poso_features: list[str] | None = None,
-        poso_scale: float = 2.0,
-        poso_layers: str = "all",
-        poso_gate_hidden: int | None = None,
+        personalization: PersonalizationConfig | None = None,
     ) -> None:
         names = (tasks,) if isinstance(tasks, str) else tuple(tasks)
         if len(names) != 2:
@@ -86,18 +76,7 @@ class ESMM(SharedBottom):
             activation,
             dropout,
             batchnorm,
-            lhuc,
-            lhuc_features,
-            pepnet,
-            pepnet_domain_features,
-            pepnet_id_features,
-            pepnet_gamma,
-            pepnet_gate_hidden,
-            poso,
-            poso_features,
-            poso_scale,
-            poso_layers,
-            poso_gate_hidden,
+            personalization,
         )
         for task in self.tasks:
             if schema.labels[task].kind != "binary":

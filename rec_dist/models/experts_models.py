@@ -23,9 +23,9 @@ from rec_dist.layers.poso import POSOMMoE
 from rec_dist.models.base import RankingModel
 from rec_dist.models.multitask_base import MultiTaskMixin
 from rec_dist.models.personalized import (
-    PERSONALIZATION_KNOBS,
     PersonalInputs,
     Personalization,
+    PersonalizationConfig,
     lhuc_scales,
     run_towers,
     tower_modules,
@@ -39,10 +39,9 @@ class MMoE(MultiTaskMixin, RankingModel):
         schema, tasks, features, tower_hidden, activation, dropout, batchnorm: as ``SharedBottom``.
         num_experts: E.
         expert_hidden: hidden widths of each expert MLP.
-        lhuc, lhuc_features: LHUC on every expert's hidden layers.
-        pepnet, ...: EPNet on the input embeddings, PPNet on the towers.
-        poso, ...: ``poso='mmoe'`` gates each expert's output by ``C · sigmoid(MLP(pc))_e``
-            (``poso_layers`` has no effect: there is one level of experts).
+        personalization: ``lhuc`` on every expert's hidden layers; ``pepnet``: EPNet on the input
+            embeddings, PPNet on the towers; ``poso`` (mode ``mmoe``) gates each expert's output by
+            ``C · sigmoid(MLP(pc))_e`` (``layers`` has no effect: there is one level of experts).
     """
 
     def __init__(
@@ -56,34 +55,23 @@ class MMoE(MultiTaskMixin, RankingModel):
         activation: str = "relu",
         dropout: float = 0.0,
         batchnorm: bool = False,
-        lhuc: bool = False,
-        lhuc_features: list[str] | None = None,
-        pepnet: bool = False,
-        pepnet_domain_features: list[str] | None = None,
-        pepnet_id_features: list[str] | None = None,
-        pepnet_gamma: float = 2.0,
-        pepnet_gate_hidden: int | None = None,
-        poso: str | None = None,
-        poso_features: list[str] | None = None,
-        poso_scale: float = 2.0,
-        poso_layers: str = "all",
-        poso_gate_hidden: int | None = None,
+        personalization: PersonalizationConfig | None = None,
     ) -> None:
         super().__init__(schema, tasks)
-        knobs = {k: v for k, v in locals().items() if k in PERSONALIZATION_KNOBS}
         self.embeddings = FeatureEmbeddings(schema)
-        self.personal = Personalization(schema, type(self).__name__, features, poso_modes=("mmoe",), **knobs)
+        self.personal = Personalization(schema, type(self).__name__, features, personalization, poso_modes=("mmoe",))
+        lhuc, poso = self.personal.config.lhuc, self.personal.config.poso
         n, num_tasks = self.personal.input_dim, len(self.tasks)
         mlp_args = {"activation": activation, "dropout": dropout, "batchnorm": batchnorm}
-        if poso == "mmoe":
+        if poso is not None:  # mode mmoe, the only one this model takes
             self.moe: nn.Module = POSOMMoE(
                 n,
                 num_experts,
                 expert_hidden,
                 num_tasks,
                 self.personal.code_dim,
-                scale=poso_scale,
-                gate_hidden=poso_gate_hidden,
+                scale=poso.scale,
+                gate_hidden=poso.gate_hidden,
                 **mlp_args,
             )
         else:
@@ -120,10 +108,9 @@ class PLE(MultiTaskMixin, RankingModel):
         task_experts: experts per task per level.
         shared_experts: shared experts per level (at least one).
         expert_hidden: hidden widths of each expert MLP (the same at every level).
-        lhuc, lhuc_features: LHUC on every expert's hidden layers.
-        pepnet, ...: EPNet on the input embeddings, PPNet on the towers.
-        poso, ...: ``poso='mmoe'`` gates each expert's output by ``C · sigmoid(MLP_k(pc))_e``, one
-            gate per level; ``poso_layers='first'`` gates only the first level.
+        personalization: ``lhuc`` on every expert's hidden layers; ``pepnet``: EPNet on the input
+            embeddings, PPNet on the towers; ``poso`` (mode ``mmoe``) gates each expert's output by
+            ``C · sigmoid(MLP_k(pc))_e``, one gate per level; ``layers: first`` gates only the first level.
     """
 
     def __init__(
@@ -139,27 +126,16 @@ class PLE(MultiTaskMixin, RankingModel):
         activation: str = "relu",
         dropout: float = 0.0,
         batchnorm: bool = False,
-        lhuc: bool = False,
-        lhuc_features: list[str] | None = None,
-        pepnet: bool = False,
-        pepnet_domain_features: list[str] | None = None,
-        pepnet_id_features: list[str] | None = None,
-        pepnet_gamma: float = 2.0,
-        pepnet_gate_hidden: int | None = None,
-        poso: str | None = None,
-        poso_features: list[str] | None = None,
-        poso_scale: float = 2.0,
-        poso_layers: str = "all",
-        poso_gate_hidden: int | None = None,
+        personalization: PersonalizationConfig | None = None,
     ) -> None:
         super().__init__(schema, tasks)
         if num_levels <= 0:
             raise ValueError(f"PLE: num_levels must be positive, got {num_levels}")
         if shared_experts <= 0:
             raise ValueError(f"PLE: shared_experts must be positive (the tasks share only them), got {shared_experts}")
-        knobs = {k: v for k, v in locals().items() if k in PERSONALIZATION_KNOBS}
         self.embeddings = FeatureEmbeddings(schema)
-        self.personal = Personalization(schema, type(self).__name__, features, poso_modes=("mmoe",), **knobs)
+        self.personal = Personalization(schema, type(self).__name__, features, personalization, poso_modes=("mmoe",))
+        lhuc, poso = self.personal.config.lhuc, self.personal.config.poso
         num_tasks = len(self.tasks)
         mlp_args = {"activation": activation, "dropout": dropout, "batchnorm": batchnorm}
         self.levels = nn.ModuleList()
@@ -182,10 +158,10 @@ class PLE(MultiTaskMixin, RankingModel):
                 nn.ModuleList(self.personal.lhuc_layers(e) for e in level.all_experts()) for level in self.levels
             )
         self.poso_gates = None
-        if poso == "mmoe":
-            gated = self.levels if poso_layers == "all" else self.levels[:1]
+        if poso is not None:  # mode mmoe, the only one this model takes
+            gated = self.levels if poso.layers == "all" else self.levels[:1]
             self.poso_gates = nn.ModuleList(
-                GateNU(self.personal.code_dim, level.num_experts, hidden=poso_gate_hidden, gamma=poso_scale)
+                GateNU(self.personal.code_dim, level.num_experts, hidden=poso.gate_hidden, gamma=poso.scale)
                 for level in gated
             )
         self.towers = self.personal.towers(size, num_tasks, tower_hidden, **mlp_args)

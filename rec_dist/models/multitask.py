@@ -11,8 +11,8 @@ Every model reads ``x`` = [selected field embeddings; dense features] (B, N)
                    b = Tower_cvr(h), h = Bottom(x) (empty by default: shared embeddings only)
                                                                     (Ma et al. 2018, SIGIR)
 
-The personalisation knobs (LHUC, PEPNet, POSO; all off by default) are
-described in ``rec_dist.models.personalized``.
+Personalisation (``personalization: {lhuc, pepnet, poso}``, one ``PersonalizationConfig``;
+all off by default) is described in ``rec_dist.models.personalized``.
 
 Loss balancing reads three parameter groups of every model (``MultiTaskMixin``,
 ``rec_dist.models.multitask_base``): per-task, shared, and the last shared layer.

@@ -1,35 +1,43 @@
-"""The personalisation inputs the multi-task models share: LHUC's vector, PEPNet's gates, POSO's code.
+"""The personalisation the multi-task models (and BST) share: LHUC's vector, PEPNet's gates, POSO's code.
 
-Every multi-task model (``rec_dist.models.multitask``) reads its input like the
-ranking models (``features``: the general fields and dense features) and
-builds a ``Personalization`` from its knobs, all off by default:
+A model takes one ``personalization`` config (``PersonalizationConfig``; None: all off) with one
+optional entry per block::
 
-- ``lhuc`` + ``lhuc_features``: ``u`` = the concatenated inputs of
-  ``lhuc_features``; each hidden layer of the shared networks (the bottom MLP,
-  or every expert) is scaled by ``2 · sigmoid(W u + b)`` (``rec_dist.layers.LHUC``,
-  one per hidden layer and network, starting at scale 1).
-- ``pepnet`` + ``pepnet_domain_features`` + ``pepnet_id_features`` +
-  ``pepnet_gamma`` (+ ``pepnet_gate_hidden``): EPNet scales the general field
-  embeddings ``E`` (not the dense features) by ``GateNU([domain; sg(E)])``; the
-  towers become a PPNet whose hidden layers are scaled by
-  ``GateNU_t^l([id embeddings; sg(x)])``, x the model input after EPNet.
-- ``poso`` + ``poso_features`` + ``poso_scale`` + ``poso_layers`` (+
-  ``poso_gate_hidden``): the code ``pc`` = the concatenated inputs of
-  ``poso_features``; the model gates its bottom MLP (``'mlp'``) or its experts
-  (``'mmoe'``) by ``C · sigmoid(MLP(pc))`` (``rec_dist.layers.poso``).
+    personalization:
+      lhuc: {features: [user_id, age]}
+      pepnet: {domain_features: [user_group], id_features: [user_id, item_id], gamma: 2.0}
+      poso: {mode: mmoe, features: [user_group], scale: 2.0, layers: all}
 
-A feature list may name any schema feature: sparse and multi-hot features give
-their pooled embedding, sequences their mean-pooled embedding, dense features
-their values; they are concatenated id fields first (in the list's order),
-then sequences, then dense features, as ``FeatureSelection`` orders them.
-Features named here are looked up from the model's own tables, whether or not
-``features`` also selects them.
+- ``lhuc`` (``LHUCConfig``): ``u`` = the concatenated inputs of ``features``; each hidden layer
+  of the shared networks (the bottom MLP, or every expert) is scaled by ``2 · sigmoid(W u + b)``
+  (``rec_dist.layers.LHUC``, one per hidden layer and network, starting at scale 1).
+- ``pepnet`` (``PEPNetConfig``): EPNet scales the general field embeddings ``E`` (not the dense
+  features) by ``GateNU([domain; sg(E)])``; the towers become a PPNet whose hidden layers are
+  scaled by ``GateNU_t^l([id embeddings; sg(x)])``, x the model input after EPNet; every Gate NU
+  outputs ``gamma · sigmoid(.)`` with a hidden layer of ``gate_hidden`` units.
+- ``poso`` (``POSOConfig``): the code ``pc`` = the concatenated inputs of ``features``; the model
+  gates its bottom MLP (``mode: mlp``), its experts (``mmoe``) or its attention heads (``mha``,
+  BST) by ``scale · sigmoid(MLP(pc))`` (``rec_dist.layers.poso``); ``layers: first`` gates only
+  the first hidden layer (mlp) or the first PLE level (mmoe).
+
+The dataclasses check what a type can say (non-empty feature lists, positive scales, known
+modes; the Lightning CLI parses them from YAML or ``--...personalization.poso.mode mmoe``).
+What depends on the model and the schema (the feature exists, the model supports this mode)
+is checked by ``Personalization`` / ``check_personalization``, whose errors name the model and
+the key, e.g. ``MMoE: personalization.poso.features: 'x' is neither a feature nor a group``.
+
+A feature list may name schema features or groups (``Schema.expand``): sparse and multi-hot
+features give their pooled embedding, sequences their mean-pooled embedding, dense features
+their values; they are concatenated id fields first (in the list's order), then sequences, then
+dense features, as ``FeatureSelection`` orders them. Features named here are looked up from the
+model's own tables, whether or not ``features`` also selects them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -40,24 +48,115 @@ from rec_dist.layers.mlp import MLP
 from rec_dist.layers.personalization import LHUC, EPNet, PPNet, mlp_hidden_sizes
 from rec_dist.models.base import FeatureSelection
 
-POSO_MODES = ("mlp", "mmoe")
-# The constructor arguments of the multi-task models that ``Personalization`` takes.
-PERSONALIZATION_KNOBS = (
-    "lhuc",
-    "lhuc_features",
-    "pepnet",
-    "pepnet_domain_features",
-    "pepnet_id_features",
-    "pepnet_gamma",
-    "pepnet_gate_hidden",
-    "poso",
-    "poso_features",
-    "poso_scale",
-    "poso_layers",
-    "poso_gate_hidden",
-)
+POSO_MODES = ("mlp", "mmoe", "mha")
+POSO_LAYERS = ("all", "first")
+KEY = "personalization"
 
 
+# ---- the config ---------------------------------------------------------------------------------------------
+def _names(value: object, key: str) -> tuple[str, ...]:
+    names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Sequence) else None
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{KEY}.{key}: name at least one schema feature or group, got {value!r}")
+    return names
+
+
+def _positive(value: object, key: str, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{KEY}.{key} must be a positive number{' or null' if optional else ''}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LHUCConfig:
+    """LHUC on the shared networks' hidden layers; ``features``: the inputs of ``u``."""
+
+    features: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", _names(self.features, "lhuc.features"))
+
+
+@dataclass(frozen=True)
+class PEPNetConfig:
+    """PEPNet: EPNet's gate reads ``domain_features``, PPNet's gates ``id_features``; Gate NUs in (0, gamma)."""
+
+    domain_features: tuple[str, ...]
+    id_features: tuple[str, ...]
+    gamma: float = 2.0
+    gate_hidden: int | None = None  # hidden width of each Gate NU (None: the width it gates)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "domain_features", _names(self.domain_features, "pepnet.domain_features"))
+        object.__setattr__(self, "id_features", _names(self.id_features, "pepnet.id_features"))
+        _positive(self.gamma, "pepnet.gamma")
+        _positive(self.gate_hidden, "pepnet.gate_hidden", optional=True)
+
+
+@dataclass(frozen=True)
+class POSOConfig:
+    """POSO: gates of ``scale · sigmoid(MLP(pc))`` on the bottom (mlp), experts (mmoe) or heads (mha)."""
+
+    mode: Literal["mlp", "mmoe", "mha"]
+    features: tuple[str, ...]  # the personalisation code pc, e.g. [user_group]
+    scale: float = 2.0  # C: the gates lie in (0, C)
+    layers: Literal["all", "first"] = "all"  # mlp: gated hidden layers; PLE: gated levels
+    gate_hidden: int | None = None  # hidden width of each gate (None: the width it gates)
+
+    def __post_init__(self) -> None:
+        if self.mode not in POSO_MODES:
+            raise ValueError(f"{KEY}.poso.mode must be one of {list(POSO_MODES)}, got {self.mode!r}")
+        if self.layers not in POSO_LAYERS:
+            raise ValueError(f"{KEY}.poso.layers must be one of {list(POSO_LAYERS)}, got {self.layers!r}")
+        object.__setattr__(self, "features", _names(self.features, "poso.features"))
+        _positive(self.scale, "poso.scale")
+        _positive(self.gate_hidden, "poso.gate_hidden", optional=True)
+
+
+@dataclass(frozen=True)
+class PersonalizationConfig:
+    """The personalisation blocks of a model, each off when None; see the module docstring."""
+
+    lhuc: LHUCConfig | None = None
+    pepnet: PEPNetConfig | None = None
+    poso: POSOConfig | None = None
+
+    def __post_init__(self) -> None:
+        for name, cls in (("lhuc", LHUCConfig), ("pepnet", PEPNetConfig), ("poso", POSOConfig)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, cls):
+                raise TypeError(f"{KEY}.{name}: expected a {cls.__name__} or None, got {type(value).__name__}")
+
+
+def check_personalization(
+    config: PersonalizationConfig | None,
+    model: str,
+    poso_modes: Sequence[str],
+    blocks: Sequence[str] = ("lhuc", "pepnet", "poso"),
+) -> PersonalizationConfig:
+    """``config`` (None: all off) after checking ``model`` supports its blocks and its POSO mode."""
+    if config is None:
+        return PersonalizationConfig()
+    if not isinstance(config, PersonalizationConfig):
+        raise TypeError(f"{model}: {KEY} must be a PersonalizationConfig or None, got {type(config).__name__}")
+    for name in ("lhuc", "pepnet", "poso"):
+        if getattr(config, name) is not None and name not in blocks:
+            raise ValueError(f"{model}: {KEY}.{name} is not supported; {model} takes {KEY}.{{{', '.join(blocks)}}}")
+    if config.poso is not None and config.poso.mode not in poso_modes:
+        raise ValueError(
+            f"{model}: {KEY}.poso.mode {config.poso.mode!r} is not supported; {model} takes one of {list(poso_modes)}"
+        )
+    return config
+
+
+def select_features(schema: Schema, names: Sequence[str], model: str, key: str) -> FeatureSelection:
+    """The features (or groups) ``names`` of config key ``personalization.<key>``; errors name model and key."""
+    where = f"{model}: {KEY}.{key}"
+    return FeatureSelection.from_schema(schema, list(schema.expand(names, where=where)), model=where)
+
+
+# ---- the module ---------------------------------------------------------------------------------------------
 @dataclass
 class PersonalInputs:
     """What ``Personalization`` reads from one batch.
@@ -72,14 +171,20 @@ class PersonalInputs:
     ids: torch.Tensor | None = None
 
 
-def _vector(selection: FeatureSelection, embedded: EmbeddedFeatures) -> torch.Tensor:
+def gather_vector(selection: FeatureSelection, embedded: EmbeddedFeatures) -> torch.Tensor:
+    """The selected fields and dense columns concatenated, ``(B, P)``."""
     return torch.cat(selection.gather_fields(embedded) + [selection.gather_dense(embedded)], dim=1)  # (B, P)
 
 
 class Personalization(nn.Module):
-    """Checks the personalisation knobs of a multi-task model and reads their inputs; see the module docstring.
+    """Reads a multi-task model's input and its personalisation inputs; see the module docstring.
 
-    ``poso_modes``: the ``poso`` values the model supports.
+    Args:
+        schema: the feature schema.
+        model: the model's name, for errors.
+        features: the model's inputs x (None: all).
+        config: the personalisation blocks (None: all off).
+        poso_modes: the POSO modes the model supports.
     """
 
     def __init__(
@@ -87,58 +192,35 @@ class Personalization(nn.Module):
         schema: Schema,
         model: str,
         features: Sequence[str] | None,
-        lhuc: bool,
-        lhuc_features: Sequence[str] | None,
-        pepnet: bool,
-        pepnet_domain_features: Sequence[str] | None,
-        pepnet_id_features: Sequence[str] | None,
-        pepnet_gamma: float,
-        pepnet_gate_hidden: int | None,
-        poso: str | None,
-        poso_features: Sequence[str] | None,
-        poso_scale: float,
-        poso_layers: str,
-        poso_gate_hidden: int | None,
-        poso_modes: Sequence[str] = POSO_MODES,
+        config: PersonalizationConfig | None,
+        poso_modes: Sequence[str],
     ) -> None:
         super().__init__()
         self.model = model
+        self.config = config = check_personalization(config, model, poso_modes)
         self.selection = FeatureSelection.from_schema(schema, features, model=model)
         self.input_dim = self.selection.flat_dim + self.selection.dense_dim
         if self.input_dim == 0:
             raise ValueError(f"{model}: `features` selects no input at all")
-        self.lhuc_selection = self._select(schema, "lhuc", lhuc, lhuc_features)
-        self.domain_selection = self._select(schema, "pepnet_domain", pepnet, pepnet_domain_features)
-        self.id_selection = self._select(schema, "pepnet_id", pepnet, pepnet_id_features)
-        if poso is not None and poso not in poso_modes:
-            raise ValueError(f"{model}: poso must be None or one of {list(poso_modes)}, got {poso!r}")
-        if poso_layers not in ("all", "first"):
-            raise ValueError(f"{model}: poso_layers must be 'all' or 'first', got {poso_layers!r}")
-        if pepnet_gamma <= 0 or poso_scale <= 0:
-            raise ValueError(f"{model}: pepnet_gamma and poso_scale must be positive, got {pepnet_gamma}, {poso_scale}")
-        self.poso_selection = self._select(schema, "poso", poso is not None, poso_features)
-        self.poso, self.poso_scale, self.poso_layers, self.poso_gate_hidden = (
-            poso,
-            poso_scale,
-            poso_layers,
-            poso_gate_hidden,
-        )
-        self.pepnet_gamma, self.pepnet_gate_hidden = pepnet_gamma, pepnet_gate_hidden
-        self.epnet = None
-        if pepnet:
-            if self.selection.flat_dim == 0:
-                raise ValueError(f"{model}: pepnet needs id or sequence fields in `features` for EPNet to scale")
-            self.epnet = EPNet(
-                _dim(self.domain_selection), self.selection.flat_dim, gamma=pepnet_gamma, hidden=pepnet_gate_hidden
-            )
+        lhuc, pepnet, poso = config.lhuc, config.pepnet, config.poso
+        def select(key: str, names: Sequence[str] | None) -> FeatureSelection | None:
+            return None if names is None else select_features(schema, names, model, key)
 
-    def _select(self, schema: Schema, knob: str, on: bool, names: Sequence[str] | None) -> FeatureSelection | None:
-        if not on:
-            return None
-        if not names:
-            switch = "pepnet" if knob.startswith("pepnet") else knob
-            raise ValueError(f"{self.model}: {switch} is on but {knob}_features names no feature")
-        return FeatureSelection.from_schema(schema, list(names), model=f"{self.model} ({knob}_features)")
+        self.lhuc_selection = select("lhuc.features", lhuc and lhuc.features)
+        self.domain_selection = select("pepnet.domain_features", pepnet and pepnet.domain_features)
+        self.id_selection = select("pepnet.id_features", pepnet and pepnet.id_features)
+        self.poso_selection = select("poso.features", poso and poso.features)
+        self.epnet = None
+        if pepnet is not None:
+            if self.selection.flat_dim == 0:
+                raise ValueError(f"{model}: {KEY}.pepnet needs id or sequence fields in `features` for EPNet to scale")
+            self.epnet = EPNet(_dim(self.domain_selection), self.selection.flat_dim, pepnet.gamma, pepnet.gate_hidden)
+
+    @property
+    def selections(self) -> tuple[FeatureSelection, ...]:
+        """Every selection this module reads (the model's inputs, then LHUC, PEPNet and POSO inputs)."""
+        parts = (self.selection, self.lhuc_selection, self.domain_selection, self.id_selection, self.poso_selection)
+        return tuple(s for s in parts if s is not None)
 
     @property
     def lhuc_dim(self) -> int:
@@ -152,17 +234,22 @@ class Personalization(nn.Module):
     def pepnet(self) -> bool:
         return self.epnet is not None
 
+    @property
+    def poso(self) -> str | None:
+        """The POSO mode, None when off."""
+        return None if self.config.poso is None else self.config.poso.mode
+
     def forward(self, embedded: EmbeddedFeatures) -> PersonalInputs:
         fields = self.selection.gather_fields(embedded)  # [(B, D_f)]
         dense = self.selection.gather_dense(embedded)  # (B, num_dense)
         ids = None
         if self.epnet is not None:
             general = torch.cat(fields, dim=1)  # (B, sum D_f)
-            fields = [self.epnet(general, _vector(self.domain_selection, embedded))]  # [(B, sum D_f)] = O_ep
-            ids = _vector(self.id_selection, embedded)  # (B, D_id)
+            fields = [self.epnet(general, gather_vector(self.domain_selection, embedded))]  # [(B, sum D_f)] = O_ep
+            ids = gather_vector(self.id_selection, embedded)  # (B, D_id)
         x = torch.cat(fields + [dense], dim=1)  # (B, N)
-        lhuc = None if self.lhuc_selection is None else _vector(self.lhuc_selection, embedded)  # (B, P_u)
-        code = None if self.poso_selection is None else _vector(self.poso_selection, embedded)  # (B, P_c)
+        lhuc = None if self.lhuc_selection is None else gather_vector(self.lhuc_selection, embedded)  # (B, P_u)
+        code = None if self.poso_selection is None else gather_vector(self.poso_selection, embedded)  # (B, P_c)
         return PersonalInputs(x, lhuc, code, ids)
 
     # ---- builders used by the models -------------------------------------------------------
@@ -181,17 +268,19 @@ class Personalization(nn.Module):
         batchnorm: bool,
     ) -> nn.Module:
         """One tower per task ending in one logit: a PPNet with pepnet, else a ModuleList of MLPs."""
-        if self.pepnet:
+        pepnet = self.config.pepnet
+        if pepnet is not None:
             if not list(hidden):
-                raise ValueError(f"{self.model}: pepnet needs tower_hidden (PPNet gates the towers' hidden layers)")
+                raise ValueError(f"{self.model}: {KEY}.pepnet needs tower_hidden (PPNet gates the towers' hidden "
+                                 "layers)")
             return PPNet(
                 in_features,
                 num_tasks,
                 hidden,
                 id_features=_dim(self.id_selection),
                 general_features=self.input_dim,
-                gamma=self.pepnet_gamma,
-                gate_hidden=self.pepnet_gate_hidden,
+                gamma=pepnet.gamma,
+                gate_hidden=pepnet.gate_hidden,
                 activation=activation,
                 dropout=dropout,
                 batchnorm=batchnorm,

@@ -20,9 +20,9 @@ from rec_dist.layers.poso import POSOMLP
 from rec_dist.models.base import RankingModel
 from rec_dist.models.multitask_base import MultiTaskMixin
 from rec_dist.models.personalized import (
-    PERSONALIZATION_KNOBS,
     PersonalInputs,
     Personalization,
+    PersonalizationConfig,
     lhuc_scales,
     run_towers,
     tower_modules,
@@ -39,11 +39,9 @@ class SharedBottom(MultiTaskMixin, RankingModel):
         bottom_hidden: hidden widths of the shared bottom MLP.
         tower_hidden: hidden widths of each task tower (then one linear unit).
         activation, dropout, batchnorm: of the bottom and the towers.
-        lhuc, lhuc_features: LHUC on the bottom's hidden layers.
-        pepnet, pepnet_domain_features, pepnet_id_features, pepnet_gamma, pepnet_gate_hidden:
-            EPNet on the input embeddings, PPNet on the towers.
-        poso, poso_features, poso_scale, poso_layers, poso_gate_hidden: ``poso='mlp'``
-            gates the bottom's hidden layers (``'all'`` or the ``'first'``).
+        personalization: ``lhuc`` on the bottom's hidden layers; ``pepnet``: EPNet on the input
+            embeddings, PPNet on the towers; ``poso`` (mode ``mlp``) gates the bottom's hidden
+            layers (``layers``: ``all`` or the ``first``). See ``rec_dist.models.personalized``.
     """
 
     _poso_modes: tuple[str, ...] = ("mlp",)
@@ -59,39 +57,31 @@ class SharedBottom(MultiTaskMixin, RankingModel):
         activation: str = "relu",
         dropout: float = 0.0,
         batchnorm: bool = False,
-        lhuc: bool = False,
-        lhuc_features: list[str] | None = None,
-        pepnet: bool = False,
-        pepnet_domain_features: list[str] | None = None,
-        pepnet_id_features: list[str] | None = None,
-        pepnet_gamma: float = 2.0,
-        pepnet_gate_hidden: int | None = None,
-        poso: str | None = None,
-        poso_features: list[str] | None = None,
-        poso_scale: float = 2.0,
-        poso_layers: str = "all",
-        poso_gate_hidden: int | None = None,
+        personalization: PersonalizationConfig | None = None,
     ) -> None:
         super().__init__(schema, tasks)
         name = type(self).__name__
-        knobs = {k: v for k, v in locals().items() if k in PERSONALIZATION_KNOBS}
         self.embeddings = FeatureEmbeddings(schema)
-        self.personal = Personalization(schema, type(self).__name__, features, poso_modes=self._poso_modes, **knobs)
+        self.personal = Personalization(schema, name, features, personalization, poso_modes=self._poso_modes)
+        lhuc, poso = self.personal.config.lhuc, self.personal.config.poso
         bottom_hidden = [int(h) for h in bottom_hidden]
         if not bottom_hidden and not self._allow_empty_bottom:
             raise ValueError(f"{name}: bottom_hidden needs at least one layer")
         if not bottom_hidden and (lhuc or poso):
-            raise ValueError(f"{name}: lhuc and poso scale the bottom's hidden layers; give bottom_hidden")
+            raise ValueError(
+                f"{name}: personalization.lhuc and personalization.poso scale the bottom's hidden layers; "
+                "give bottom_hidden"
+            )
         n = self.personal.input_dim
         mlp_args = {"activation": activation, "dropout": dropout, "batchnorm": batchnorm}
-        if poso == "mlp":
+        if poso is not None:  # mode mlp, the only one this model takes
             self.bottom: nn.Module = POSOMLP(
                 n,
                 bottom_hidden,
                 self.personal.code_dim,
-                scale=poso_scale,
-                gate_hidden=poso_gate_hidden,
-                layers=poso_layers,
+                scale=poso.scale,
+                gate_hidden=poso.gate_hidden,
+                layers=poso.layers,
                 **mlp_args,
             )
         else:
