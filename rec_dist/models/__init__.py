@@ -1,4 +1,4 @@
-"""Ranking models: pure ``nn.Module``s, ``forward(batch) -> {task: logits (B,)}``."""
+"""Models: pure ``nn.Module``s (ranking, retrieval); the protocols are in ``rec_dist.models.protocols``."""
 
 from rec_dist.models.base import FeatureSelection, RankingModel, TaskHead, check_tasks
 from rec_dist.models.bst import BST
@@ -6,6 +6,7 @@ from rec_dist.models.dcnv2 import DCNv2
 from rec_dist.models.deepfm import DeepFM
 from rec_dist.models.din import DIN
 from rec_dist.models.multitask import ESMM, PLE, MMoE, MultiTaskMixin, SharedBottom, ctcvr_logit
+from rec_dist.models.two_tower import TwoTower
 
 __all__ = [
     "BST",
@@ -15,6 +16,7 @@ __all__ = [
     "FeatureSelection",
     "RankingModel",
     "TaskHead",
+    "TwoTower",
     "check_tasks",
     "ESMM",
     "MMoE",
