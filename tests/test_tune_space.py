@@ -13,7 +13,22 @@ import pytest
 import yaml
 
 from rec_dist.tune.space import SearchSpace, SpaceError, load_space, parse_space
-from tests.tune_space_keys import ALPHA, BAL, DROPOUT, DWA, EXPERTS, GRADNORM, HIDDEN, LR, MIN_W, STATIC, WEIGHT
+from tests.tune_space_keys import (
+    ALPHA,
+    BAL,
+    DROPOUT,
+    DWA,
+    EXPERTS,
+    GRADNORM,
+    HIDDEN,
+    LHUC,
+    LHUC_F,
+    LHUC_ON,
+    LR,
+    MIN_W,
+    STATIC,
+    WEIGHT,
+)
 
 
 def space_of(params: dict, tmp_path: Path | None = None, **top) -> SearchSpace:
@@ -31,14 +46,13 @@ NUMERIC = {
     EXPERTS: {"int": [2, 8]},
     HIDDEN: {"choice": [[64], [128, 64], [256, 128]]},
 }
-LHUC, LHUC_F = "model.init_args.model.init_args.lhuc", "model.init_args.model.init_args.lhuc_features"
 CONDITIONAL = {
     BAL: {"choice": [STATIC, GRADNORM, DWA]},
     ALPHA: {"uniform": [0.5, 2.0], "when": {BAL: GRADNORM}},
     MIN_W: {"choice": [1.0e-4, 1.0e-2]},
     WEIGHT: {"loguniform": [0.2, 5.0], "when": {BAL: {"in": [STATIC, GRADNORM]}}},
-    LHUC: {"choice": [False, True], "when": {BAL: GRADNORM}},
-    LHUC_F: {"choice": [["user_id"], ["user_id", "age"]], "when": {LHUC: True}},  # a condition on a conditional
+    LHUC: {"choice": [None, LHUC_ON], "when": {BAL: GRADNORM}},
+    LHUC_F: {"choice": [["user_id"], ["user_id", "age"]], "when": {LHUC: LHUC_ON}},  # conditional on a conditional
 }
 
 
@@ -46,7 +60,7 @@ def _expected_active(values: dict) -> set[str]:
     active = {BAL, MIN_W}
     if values[BAL] == GRADNORM:
         active |= {ALPHA, LHUC}
-        if values[LHUC] is True:
+        if values[LHUC] == LHUC_ON:
             active.add(LHUC_F)
     if values[BAL] in (STATIC, GRADNORM):
         active.add(WEIGHT)
@@ -156,12 +170,9 @@ def test_optuna_define_by_run_suggests_only_active_parameters():
 
     study.optimize(objective, n_trials=25)
     assert {r[BAL] for r in results} == {STATIC, GRADNORM, DWA}
-    features = [
-        r["model.init_args.model.init_args.lhuc_features"]
-        for r in results
-        if "model.init_args.model.init_args.lhuc_features" in r
-    ]
+    features = [r[LHUC_F] for r in results if LHUC_F in r]
     assert features and all(isinstance(f, list) for f in features)  # JSON labels decoded back to lists
+    assert all(r[LHUC] == LHUC_ON for r in results if LHUC_F in r)  # ... and mappings, which `when` compares
 
 
 def test_ray_optuna_search_config_resolves_to_the_suggestion():

@@ -6,13 +6,16 @@ The space language itself is tested in test_tune_space.py.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from torch import nn
 
+from rec_dist.data.schema import Schema
 from rec_dist.tune.overrides import (
     OverrideError,
     apply_overrides,
@@ -37,7 +40,7 @@ BASE = {
         "init_args": {
             "model": {
                 "class_path": "rec_dist.models.MMoE",
-                "init_args": {"num_experts": 4, "expert_hidden": [128, 64], "poso": None},
+                "init_args": {"num_experts": 4, "expert_hidden": [128, 64], "personalization": {"poso": None}},
             },
             "balancer": {"class_path": DWA, "init_args": {"temperature": 3.0}},
             "tasks": {"click": {"label": "click", "weight": 1.0}},
@@ -87,7 +90,7 @@ def test_apply_overrides_class_path_change_keeps_only_accepted_init_args():
     )
     assert out["model"]["init_args"]["model"]["init_args"] == {
         "expert_hidden": [128, 64],
-        "poso": None,
+        "personalization": {"poso": None},
         "num_levels": 2,
     }
     # a class that cannot be imported keeps nothing
@@ -148,7 +151,6 @@ def test_validate_training_config_reports_the_parser_error():
 def schemas(tmp_path_factory):
     """The multi-task and base MovieLens schemas, built from the tiny fake source (no network)."""
     from rec_dist.data.movielens_multitask import prepare_movielens_100k_multitask
-    from rec_dist.data.schema import Schema
     from tests.test_movielens import write_grouplens
 
     root = tmp_path_factory.mktemp("tune-schemas")
@@ -164,8 +166,14 @@ def _class(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _build_model_and_balancer(config: dict, schemas: dict) -> None:
-    """Build what the spaces change that the parser cannot judge (feature names, gate values)."""
+def _build_model_and_balancer(config: dict, schemas: dict) -> nn.Module:
+    """Build what the spaces change that the parser cannot judge (feature names, gate values).
+
+    The model is built from its config section by jsonargparse, as the task builds it (typed
+    dataclasses such as ``personalization`` parsed and instantiated), then called with the schema.
+    """
+    from jsonargparse import ArgumentParser
+
     task = config["model"]["init_args"]
     data = config["data"]
     multitask = "tasks" in task
@@ -174,8 +182,9 @@ def _build_model_and_balancer(config: dict, schemas: dict) -> None:
     if dim is not None:  # as the data module applies it
         schema = schema.with_embedding_dims(dim)
     names = list(task["tasks"]) if multitask else [task["label"]]
-    model = task["model"]
-    built = _class(model["class_path"])(schema, names, **model.get("init_args", {}))
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--model", type=Callable[[Schema, Sequence[str]], nn.Module])
+    built = parser.instantiate(parser.parse_object({"model": task["model"]})).model(schema, names)
     if isinstance(dim, int):
         tables = [  # the schema's tables; FM first-order weights are padded 4-wide tables of their own
             m
@@ -188,6 +197,7 @@ def _build_model_and_balancer(config: dict, schemas: dict) -> None:
         _class(balancer["class_path"])(**balancer.get("init_args", {})).setup(
             names, {n: t.get("weight", 1.0) for n, t in task["tasks"].items()}
         )
+    return built
 
 
 def _make_active(space: SearchSpace, key: str, raw: dict) -> None:
@@ -229,4 +239,27 @@ def test_shipped_space_draws_are_accepted_by_the_cli_and_build(path, schemas, mo
         validate_training_config(config, f"{path.name} draw {i}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _build_model_and_balancer(config, schemas)
+            model = _build_model_and_balancer(config, schemas)
+        _check_personalization_reached_the_model(model, overrides)
+
+
+def _check_personalization_reached_the_model(model: nn.Module, overrides: dict) -> None:
+    """Every drawn ``...personalization.<block>[.<field>]`` value is what the built model holds
+    (a mapping: the fields not drawn as keys of their own)."""
+    prefix = "model.init_args.model.init_args.personalization."
+    for key, value in overrides.items():
+        if not key.startswith(prefix):
+            continue
+        held = model.personal.config
+        for part in key[len(prefix) :].split("."):
+            held = getattr(held, part)
+        if isinstance(value, dict):  # a block switched on; its fields drawn as keys of their own win
+            value = {k: v for k, v in value.items() if f"{key}.{k}" not in overrides}
+            held = {k: getattr(held, k) for k in value}
+        assert _plain(held) == value, (key, held, value)
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value

@@ -9,3 +9,6 @@ EXPERTS = "model.init_args.model.init_args.num_experts"
 DROPOUT = "model.init_args.model.init_args.dropout"
 HIDDEN = "model.init_args.model.init_args.expert_hidden"
 STATIC, GRADNORM, DWA = "rec_dist.balancing.StaticWeights", "rec_dist.balancing.GradNorm", "rec_dist.balancing.DWA"
+LHUC = "model.init_args.model.init_args.personalization.lhuc"
+LHUC_F = "model.init_args.model.init_args.personalization.lhuc.features"
+LHUC_ON = {"features": ["user_id", "age"]}  # a mapping-valued choice: its settings are written into it
