@@ -60,6 +60,7 @@ class DCNv2(RankingModel):
         if structure not in STRUCTURES:
             raise ValueError(f"DCNv2: structure must be one of {list(STRUCTURES)}, got {structure!r}")
         self.selection = FeatureSelection.from_schema(schema, features, model="DCNv2")
+        self.declare_inputs(self.selection)
         in_features = self.selection.flat_dim + self.selection.dense_dim
         if in_features == 0:
             raise ValueError("DCNv2: `features` selects no input at all")
