@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/movielens/deepfm.yaml
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test test-fast lint bench clean
 
 install: $(BIN)/rec-dist
 	# Headless Chromium for the MLflow UI screenshot test (apt-get as root when missing; else a hint).
@@ -26,6 +26,11 @@ train: install
 
 test: install
 	$(BIN)/pytest -q
+
+# The quick subset for iterating: everything but the multi-minute Ray / Tune / MLflow-server / multi-process runs.
+SLOW_TESTS := test_tune.py test_ray_jobs.py test_mlflow_server.py test_torchrec_strategy.py test_model_registry.py test_sharding.py
+test-fast: install
+	$(BIN)/pytest -q -x $(addprefix --ignore=tests/,$(SLOW_TESTS))
 
 lint: install
 	$(BIN)/ruff check rec_dist tests benchmarks jobs
