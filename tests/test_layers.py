@@ -231,12 +231,15 @@ def test_mlp_shapes_dropout_and_errors():
 
 
 def _attention_inputs(batch=4, length=5, dim=3):
+    """Padded keys (for the naive reference) and the same events jagged (for the layer)."""
     query = torch.randn(batch, dim)
     keys = torch.randn(batch, length, dim)
     lengths = [3, 0, 5, 1][:batch]
     mask = torch.arange(length).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-    keys = keys * mask.unsqueeze(-1)  # zero padding, as EmbeddedFeatures gives it
-    return query, keys, mask, lengths
+    keys = keys * mask.unsqueeze(-1)  # zero padding, as the old padded collection gave it
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])  # (B+1,)
+    events = torch.cat([keys[b, : lengths[b]] for b in range(batch)])  # (N, D), row by row
+    return query, keys, lengths, events, offsets
 
 
 @pytest.mark.parametrize("softmax", [False, True])
@@ -245,53 +248,61 @@ def test_target_attention_matches_per_position_reference(softmax, activation):
     att = TargetAttention(3, hidden=[6, 4], activation=activation, softmax=softmax)
     for name, p in att.named_parameters():
         nn.init.normal_(p, std=0.5 if "alpha" not in name else 1.0)
-    query, keys, mask, lengths = _attention_inputs()
-    # training mode: Dice statistics over the real positions only
-    assert_close(att(query, keys, mask), ref_attention(att, query, keys, lengths, train=True))
+    query, keys, lengths, events, offsets = _attention_inputs()
+    # training mode: Dice statistics over the real events only; the reference loops over the padded rows
+    assert_close(att(query, events, offsets), ref_attention(att, query, keys, lengths, train=True))
     att.eval()
-    out = att(query, keys, mask)
+    out = att(query, events, offsets)
     assert_close(out, ref_attention(att, query, keys, lengths, train=False))
     assert_close(out[1], torch.zeros(3))  # empty sequence -> zero interest
 
 
-def test_target_attention_masks_padding_and_is_not_normalised():
+def test_target_attention_weights_per_event_not_normalised_by_default():
     att = TargetAttention(3, hidden=[4], activation="relu")
-    query, keys, mask, _ = _attention_inputs()
-    weights = att.weights(query, keys, mask)
-    assert torch.all(weights[~mask] == 0)
-    garbage = keys + 100.0 * (~mask).unsqueeze(-1)  # anything in padded slots is ignored
-    assert_close(att(query, garbage, mask), att(query, keys, mask))
-    assert not torch.allclose(weights[0].sum(), torch.tensor(1.0))  # no softmax by default
+    for p in att.parameters():
+        nn.init.normal_(p, std=0.5)
+    query, keys, lengths, events, offsets = _attention_inputs()
+    weights = att.weights(query, events, offsets)
+    assert weights.shape == (sum(lengths),)  # one weight per real event, nothing for padding
+    for b in range(4):  # the weighted sum of each row's own events
+        row = slice(int(offsets[b]), int(offsets[b + 1]))
+        assert_close(att(query, events, offsets)[b], (weights[row].unsqueeze(1) * events[row]).sum(0))
+    assert not torch.allclose(weights[:3].sum(), torch.tensor(1.0))  # no softmax by default
     soft = TargetAttention(3, hidden=[4], activation="relu", softmax=True)
-    w = soft.weights(query, keys, mask)
-    assert_close(w.sum(dim=1), torch.tensor([1.0, 0.0, 1.0, 1.0]))
-    assert torch.all(w[~mask] == 0)
+    w = soft.weights(query, events, offsets)
+    sums = torch.zeros(4).index_add(0, torch.repeat_interleave(torch.arange(4), torch.tensor(lengths)), w)
+    assert_close(sums, torch.tensor([1.0, 0.0, 1.0, 1.0]))
 
 
 def test_target_attention_gradients_are_finite_with_empty_rows():
     att = TargetAttention(3, hidden=[4], activation="dice", softmax=True)
-    query, keys, mask, _ = _attention_inputs()
+    query, _, _, events, offsets = _attention_inputs()
     query.requires_grad_(True)
-    att(query, keys, mask).sum().backward()
+    att(query, events, offsets).sum().backward()
     assert torch.isfinite(query.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in att.parameters() if p.grad is not None)
     assert att.mlp.layers[0].weight.grad.abs().sum() > 0
+    empty = att(query[:1], events[:0], torch.zeros(2, dtype=torch.long))  # a batch with no events at all
+    assert_close(empty, torch.zeros(1, 3))
 
 
 def test_target_attention_and_dice_under_bf16_autocast():
     att = TargetAttention(3, hidden=[4], activation="dice", softmax=True)
-    query, keys, mask, _ = _attention_inputs()
+    query, _, _, events, offsets = _attention_inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = att(query, keys, mask)
+        out = att(query, events, offsets)
     assert out.shape == (4, 3) and torch.isfinite(out).all()
 
 
 def test_target_attention_shape_errors():
     att = TargetAttention(3)
+    offsets = torch.tensor([0, 2, 5])
     with pytest.raises(ValueError, match="expected query"):
-        att(torch.randn(2, 4), torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="mask shape"):
-        att(torch.randn(2, 3), torch.randn(2, 5, 3), torch.ones(2, 4, dtype=torch.bool))
+        att(torch.randn(2, 4), torch.randn(5, 4), offsets)
+    with pytest.raises(ValueError, match="expected query"):
+        att(torch.randn(2, 3), torch.randn(2, 5, 3), offsets)  # padded keys: the layer is jagged
+    with pytest.raises(ValueError, match=r"offsets shape \(4,\) must be \(B\+1,\) = \(3,\)"):
+        att(torch.randn(2, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 5]))
 
 
 def test_reference_helpers_are_naive():

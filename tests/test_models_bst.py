@@ -83,11 +83,14 @@ def _bst_reference(model: BST, rows: dict[str, list]) -> dict[str, torch.Tensor]
     return ref_head(model, ref_mlp(model.dnn, torch.stack(xs), train=False))
 
 
+@pytest.mark.parametrize("longest", [MAX_LEN, 2])
 @pytest.mark.parametrize("poso", [None, "mha"])
-def test_bst_matches_reference(poso):
+def test_bst_matches_reference(poso, longest):
     schema = toy_schema()
     rows = toy_rows()
     rows["hist_item_id"][0], rows["hist_genre"][0] = [], []  # an empty history: only the target token
+    for name in ("hist_item_id", "hist_genre"):  # longest 2: padded to 2, not max_len, same outputs
+        rows[name] = [h[-longest:] for h in rows[name]]
     model = BST(schema, tasks=["like"], query_features=["item_id", "primary_genre"],
                 sequence_features=["hist_item_id", "hist_genre"], num_heads=2, ffn_hidden=6, hidden=[5, 3],
                 dropout=0.0, poso=poso, poso_features=["user_id"], poso_scale=2.0)
@@ -132,5 +135,9 @@ def test_bst_configuration_errors():
         BST(schema, poso="mmoe")
     with pytest.raises(ValueError, match="must be divisible by num_heads 3"):
         BST(schema, num_heads=3)
-    with pytest.raises(ValueError, match="unknown features"):
+    with pytest.raises(ValueError, match="'nope' is neither a feature nor a group"):
         BST(schema, poso="mha", poso_features=["nope"])
+    with pytest.raises(ValueError, match="^BST: give both"):  # the pairing checks name the model
+        BST(schema, query_features=["item_id"])
+    with pytest.raises(ValueError, match="^BST: the sequence features must share one max_len"):
+        BST(toy_schema(hist_genre_len=3))

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.sparse.jagged_tensor import JaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Feature, Schema, lookup_groups
+from rec_dist.embedding.jagged import JaggedSequence
 from rec_dist.errors import SchemaError
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
@@ -47,45 +48,57 @@ FIRST_ORDER_INIT_STD = 1e-4 / FIRST_ORDER_DIM**0.5  # the summed weight starts a
 class EmbeddedFeatures:
     """What a model sees after the lookups.
 
-    ``pooled``: every sparse / multi-hot feature -> ``(B, D)``.
-    ``sequences``: every sequence feature -> ``(B, L, D)``, zero-padded, L = its ``max_len``,
-    oldest event first. ``lengths``: sequence feature -> ``(B,)``.
-    ``dense``: ``(B, num_dense)``. ``first_order``: ``(B,)`` sum of the per-id scalar weights
-    (only when the embeddings were built with ``first_order=True``).
+    ``pooled``: every sparse / multi-hot feature looked up -> ``(B, D)``.
+    ``sequences``: every sequence feature looked up -> a ``JaggedSequence`` (values ``(N, D)``,
+    offsets ``(B+1,)``, raw ids ``(N,)``; oldest event first, nothing padded); the aligned
+    sequences of one schema group share one offsets tensor. ``lengths``: sequence feature
+    -> ``(B,)`` (``sequences[name].lengths``). ``dense``: ``(B, num_dense)``.
+    ``first_order``: ``(B,)`` sum of the per-id scalar weights (only when the embeddings
+    were built with ``first_order=True``). ``ids``: every id feature looked up -> its raw
+    ids as the batch holds them: ``(B,)`` for a sparse feature, the flat ``(N,)`` values
+    (rows back to back) for a multi-hot or sequence feature.
     """
 
     pooled: dict[str, torch.Tensor]
-    sequences: dict[str, torch.Tensor]
+    sequences: dict[str, JaggedSequence]
     lengths: dict[str, torch.Tensor]
     dense: torch.Tensor
     first_order: torch.Tensor | None = None
-
-    def mask(self, sequence: str) -> torch.Tensor:
-        """``(B, L)`` bool, True at real (non-padding) positions."""
-        seq = self.sequences[sequence]
-        positions = torch.arange(seq.shape[1], device=seq.device)
-        return positions.unsqueeze(0) < self.lengths[sequence].unsqueeze(1)
+    ids: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def mean_pooled(self, sequence: str) -> torch.Tensor:
-        """``(B, D)`` mean over the real positions (zero for an empty sequence)."""
-        total = self.sequences[sequence].sum(dim=1)
-        count = self.lengths[sequence].clamp(min=1).unsqueeze(1).to(total.dtype)
-        return total / count
+        """``(B, D)`` mean over the real events (zero for an empty sequence)."""
+        return self.sequences[sequence].mean_pooled()
+
+
+class UnpooledCollections(nn.ModuleDict):
+    """One ``EmbeddingCollection`` per embedding dim (``dim{D}``: TorchRec wants one dim per collection).
+
+    ``embeddings`` maps every table name to its ``nn.Embedding``, across the collections.
+    """
+
+    @property
+    def embeddings(self) -> dict[str, nn.Module]:
+        return {name: table for collection in self.values() for name, table in collection.embeddings.items()}
 
 
 class FeatureEmbeddings(nn.Module):
-    """All embedding tables of a schema.
+    """The embedding tables of the id features a model reads.
 
-    Pooled features go through one EmbeddingBagCollection; tables read by a
-    sequence (and every feature sharing them) through one EmbeddingCollection
-    (see ``lookup_groups``). ``first_order=True`` adds a scalar weight per id
-    (stored as a row of ``FIRST_ORDER_DIM`` summed values)
-    (dimension-1 tables), as FM/DeepFM's linear term needs.
+    ``features`` (feature or group names; None: every id feature; dense features are
+    skipped) chooses the tables built. Which lookup a feature goes through is decided on
+    the full schema (``lookup_groups``), exactly as batches are built, so a batch holding
+    every feature of the schema, or just these, is read the same way: pooled features go
+    through one EmbeddingBagCollection; tables read by a sequence (and every feature sharing
+    them) through one EmbeddingCollection per embedding dim. ``first_order=True`` adds a
+    scalar weight per id (stored as a row of ``FIRST_ORDER_DIM`` summed values), as
+    FM/DeepFM's linear term needs.
     """
 
     def __init__(
         self,
         schema: Schema,
+        features: Sequence[str] | None = None,
         first_order: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
@@ -93,22 +106,26 @@ class FeatureEmbeddings(nn.Module):
         self.schema = schema
         device = device if device is not None else _DEFAULT_DEVICE.get()
         device = torch.device(device) if device is not None else None  # TorchRec compares with torch.device
-        pooled, unpooled = lookup_groups(schema)
+        chosen = _chosen(schema, features)
+        pooled, unpooled = ([f for f in group if f.name in chosen] for group in lookup_groups(schema))
+        self.features = tuple(f.name for f in pooled + unpooled)
         self._pooled_names = [f.name for f in pooled]
-        self._unpooled = [(f.name, f.kind, f.pooling, f.max_len) for f in unpooled]
+        self._unpooled = [(f.name, f.kind, f.pooling) for f in unpooled]
+        self._offsets_of = _offsets_leaders(schema, [f.name for f in unpooled if f.kind == "sequence"])
         self.pooled = (
             EmbeddingBagCollection(tables=_bag_configs(schema, pooled), device=device) if pooled else None
         )
         self.unpooled = None
+        self._unpooled_inputs: dict[str, list[str]] = {}
         if unpooled:
-            dims = {schema.tables[f.table].embedding_dim for f in unpooled}  # type: ignore[index]
-            if len(dims) > 1:
-                raise SchemaError(
-                    f"schema {schema.name!r}: tables read by sequences "
-                    f"{sorted({f.table for f in unpooled})} must share one embedding_dim "
-                    f"(TorchRec EmbeddingCollection), got {sorted(dims)}"
-                )
-            self.unpooled = EmbeddingCollection(tables=_seq_configs(schema, unpooled), device=device)
+            by_dim: dict[int, list[Feature]] = {}
+            for f in unpooled:
+                by_dim.setdefault(schema.tables[f.table].embedding_dim, []).append(f)  # type: ignore[index]
+            self.unpooled = UnpooledCollections()
+            for dim, feats in sorted(by_dim.items()):
+                configs = _seq_configs(schema, feats)
+                self.unpooled[f"dim{dim}"] = EmbeddingCollection(tables=configs, device=device)
+                self._unpooled_inputs[f"dim{dim}"] = [n for c in configs for n in c.feature_names]
         self.first_order_sparse = self.first_order_sequence = None
         if first_order:
             non_seq = [f for f in unpooled if f.kind != "sequence"]
@@ -123,19 +140,31 @@ class FeatureEmbeddings(nn.Module):
 
     def forward(self, batch: Batch) -> EmbeddedFeatures:
         pooled: dict[str, torch.Tensor] = {}
-        sequences: dict[str, torch.Tensor] = {}
-        lengths: dict[str, torch.Tensor] = {}
+        sequences: dict[str, JaggedSequence] = {}
+        ids: dict[str, torch.Tensor] = {}
         if self.pooled is not None:
             pooled.update(self.pooled(batch.sparse).to_dict())
+            raw = batch.sparse.to_dict()
+            ids.update({name: raw[name].values() for name in self._pooled_names})
         if self.unpooled is not None:
-            jagged: dict[str, JaggedTensor] = self.unpooled(batch.sequence)
-            for name, kind, pooling, max_len in self._unpooled:
+            raw = batch.sequence.to_dict()
+            jagged: dict[str, JaggedTensor] = {}
+            for key, collection in self.unpooled.items():
+                jagged.update(collection(_only(batch.sequence, self._unpooled_inputs[key])))
+            for name, kind, pooling in self._unpooled:
                 jt = jagged[name]
+                ids[name] = raw[name].values()
                 if kind == "sequence":
-                    sequences[name] = torch.ops.fbgemm.jagged_to_padded_dense(
-                        jt.values(), [jt.offsets()], [max_len], 0.0
-                    )  # (B, L, D)
-                    lengths[name] = jt.lengths()
+                    values = jt.values()  # (N, D)
+                    leader = jagged[self._offsets_of[name]]  # the group's first sequence: its offsets are shared
+                    if values.shape[0] != leader.values().shape[0]:  # per-row lengths: the data layer's promise
+                        raise ValueError(
+                            f"schema {self.schema.name!r}: sequences {self._offsets_of[name]!r} and {name!r} of one "
+                            f"group must be aligned (one value per event), got {leader.values().shape[0]} and "
+                            f"{values.shape[0]} events"
+                        )
+                    offsets = leader.offsets()  # (B+1,), one tensor per group (JaggedTensor caches it)
+                    sequences[name] = JaggedSequence(values, offsets, ids[name])
                 elif kind == "sparse":
                     pooled[name] = jt.values()  # (B, D): exactly one id per sample
                 else:
@@ -146,7 +175,43 @@ class FeatureEmbeddings(nn.Module):
         if self.first_order_sequence is not None:
             extra = self.first_order_sequence(batch.sequence).values().sum(dim=1)
             first = extra if first is None else first + extra
-        return EmbeddedFeatures(pooled, sequences, lengths, batch.dense, first)
+        lengths = {name: seq.lengths for name, seq in sequences.items()}
+        return EmbeddedFeatures(pooled, sequences, lengths, batch.dense, first, ids)
+
+
+def _chosen(schema: Schema, features: Sequence[str] | None) -> set[str]:
+    """Names of the id features to build tables for (groups expanded, dense features skipped)."""
+    if features is None:
+        return {f.name for f in schema.id_features}
+    names = schema.expand(tuple(features), where="FeatureEmbeddings: features")
+    return {n for n in names if schema.features[n].is_id}
+
+
+def _offsets_leaders(schema: Schema, sequences: list[str]) -> dict[str, str]:
+    """Sequence -> the sequence whose offsets it shares: the first member of its schema group
+    that is looked up (itself when it leads or belongs to no group)."""
+    leaders = {}
+    for name in sequences:
+        group = schema.group_of(name)
+        members = [m for m in schema.groups[group] if m in sequences] if group else [name]
+        leaders[name] = members[0]
+    return leaders
+
+
+def _only(kjt: KeyedJaggedTensor, names: list[str]) -> KeyedJaggedTensor:
+    """``kjt`` restricted to ``names`` (as is when it holds nothing else). Sharded EmbeddingCollections
+    (torchrec 1.8) skip their own key permute when their features are a prefix of the input's keys,
+    so they must not see extra keys."""
+    keys = kjt.keys()
+    if set(keys) == set(names):
+        return kjt
+    missing = [n for n in names if n not in keys]
+    if missing:
+        raise ValueError(
+            f"FeatureEmbeddings: feature {missing[0]!r} is not in the batch's sequence KeyedJaggedTensor "
+            f"(it holds {keys}); read the columns of every feature the embeddings were built for"
+        )
+    return kjt.permute([keys.index(n) for n in names])
 
 
 def _normal_init(std: float):

@@ -12,9 +12,12 @@ position with sequences over the same kind of id, as in DIN::
     logit = DNN([other fields; Y_{L+1}; mean_t Y_t (real t); x_d])
 
 ``p`` is a learned position embedding (the paper embeds the time gap; the
-data here are ordered, oldest first). The paper flattens all L+1 outputs
-into the DNN; the target's output and the masked mean of the history outputs
-keep the DNN's width independent of ``max_len``.
+data here are ordered, oldest first); the target always takes the last one,
+``p_{max_len+1}``. The jagged history is padded only to this batch's longest
+row L <= ``max_len`` (positions sliced to ``p_1..p_L``), padding keys are masked,
+so the outputs are those of padding to ``max_len``. The paper flattens all L+1
+outputs into the DNN; the target's output and the masked mean of the history
+outputs keep the DNN's width independent of ``max_len``.
 
 POSO (Dai et al. 2021), ``poso: mha``: the attention becomes
 ``POSOMultiHeadAttention``, whose heads are scaled per user by
@@ -33,10 +36,10 @@ from torch import nn
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.collection import FeatureEmbeddings
+from rec_dist.embedding.jagged import concat_events
 from rec_dist.layers.mlp import MLP
 from rec_dist.layers.poso import POSOMultiHeadAttention
-from rec_dist.models.base import FeatureSelection, RankingModel, TaskHead
-from rec_dist.models.din import _pairs
+from rec_dist.models.base import FeatureSelection, RankingModel, TaskHead, pair_query_sequences
 
 
 class BST(RankingModel):
@@ -71,7 +74,9 @@ class BST(RankingModel):
         poso_gate_hidden: int | None = None,
     ) -> None:
         super().__init__(schema, tasks)
-        self.query_features, self.sequence_features = _pairs(schema, query_features, sequence_features)
+        self.query_features, self.sequence_features = pair_query_sequences(
+            schema, query_features, sequence_features, model="BST"
+        )
         used = self.query_features + self.sequence_features
         self.selection = FeatureSelection.from_schema(schema, features, exclude=used, model="BST")
         if poso not in (None, "mha"):
@@ -82,7 +87,8 @@ class BST(RankingModel):
             raise ValueError(f"BST: the token width {dim} (query embedding dims) must be divisible by num_heads "
                              f"{num_heads}")
         max_len = schema.features[self.sequence_features[0]].max_len
-        self.embeddings = FeatureEmbeddings(schema)
+        inputs = self.declare_inputs(self.query_features, self.sequence_features, self.selection, self.code)
+        self.embeddings = FeatureEmbeddings(schema, inputs)
         self.positions = nn.Parameter(torch.randn(max_len + 1, dim) * 0.01)  # (L+1, D)
         if self.code is not None:
             code_dim = self.code.flat_dim + self.code.dense_dim
@@ -99,9 +105,16 @@ class BST(RankingModel):
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         embedded = self.embeddings(batch)
         target = torch.cat([embedded.pooled[n] for n in self.query_features], dim=1)  # (B, D)
-        history = torch.cat([embedded.sequences[n] for n in self.sequence_features], dim=2)  # (B, L, D)
-        real = embedded.mask(self.sequence_features[0])  # (B, L)
-        tokens = torch.cat([history, target.unsqueeze(1)], dim=1) + self.positions  # (B, L+1, D)
+        events = concat_events({n: embedded.sequences[n] for n in self.sequence_features}, "BST")  # (N, D)
+        length = events.max_length  # this batch's longest history
+        if length >= self.positions.shape[0]:
+            raise ValueError(
+                f"BST: a history of {self.sequence_features[0]!r} has {length} events, more than its max_len "
+                f"{self.positions.shape[0] - 1}"
+            )
+        history = events.padded(length) + self.positions[:length]  # (B, L, D)
+        real = events.mask(length)  # (B, L)
+        tokens = torch.cat([history, (target + self.positions[-1]).unsqueeze(1)], dim=1)  # (B, L+1, D)
         keep = torch.cat([real, real.new_ones(real.shape[0], 1)], dim=1)  # (B, L+1): the target is always real
         if self.code is not None:
             code = torch.cat(self.code.gather_fields(embedded) + [self.code.gather_dense(embedded)], dim=1)

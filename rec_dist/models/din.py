@@ -3,19 +3,20 @@
 Query features (the candidate: item id, its genre, ...) are paired position
 by position with behaviour sequences over the same kind of id (item history,
 genre history, ...). With ``e^q_i`` the i-th query embedding and ``E^s_i``
-its sequence ``(B, L, D_i)``::
+its sequence, jagged ``(N, D_i)`` (the batch's N events back to back)::
 
-    q        = [e^q_1; ...; e^q_P]                          (B, Dq),   Dq = sum_i D_i
-    k        = [E^s_1; ...; E^s_P] along the last dim       (B, L, Dq)
-    w_t      = MLP_att([q, k_t, q - k_t, q ⊙ k_t])          (B, L), 0 at padding, not normalised
-    interest = sum_t w_t k_t                                (B, Dq)
+    q_b      = [e^q_1; ...; e^q_P]                          (B, Dq),   Dq = sum_i D_i
+    k_t      = [E^s_1[t]; ...; E^s_P[t]]                    (N, Dq)
+    w_t      = MLP_att([q_b, k_t, q_b - k_t, q_b ⊙ k_t])    (N,), t in row b, not normalised
+    interest = sum_{t in row b} w_t k_t                     (B, Dq)
     logit_t  = w_t · DNN([other fields; q; interest; x_d]) + b_t
 
 "Other fields" are the remaining pooled id features and the remaining
 sequences, mean-pooled. The activation (Dice or PReLU in the paper) is used
 in both the attention unit and the DNN. The sequences of one model are
-parallel (one event per position): they must share ``max_len``, and the
-padding mask is taken from the first one. Output ``{task: (B,)}``.
+aligned (one event per position, e.g. a schema sequence group): they must
+share ``max_len`` and, in every batch, their lengths. Nothing is padded
+(``rec_dist.layers.attention``). Output ``{task: (B,)}``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import torch
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.collection import FeatureEmbeddings
+from rec_dist.embedding.jagged import concat_events
 from rec_dist.layers.attention import TargetAttention
 from rec_dist.layers.mlp import MLP
-from rec_dist.models.base import FeatureSelection, RankingModel, TaskHead
+from rec_dist.models.base import FeatureSelection, RankingModel, TaskHead, pair_query_sequences
 
 
 class DIN(RankingModel):
@@ -69,12 +71,15 @@ class DIN(RankingModel):
         batchnorm: bool = False,
     ) -> None:
         super().__init__(schema, tasks)
-        self.query_features, self.sequence_features = _pairs(schema, query_features, sequence_features)
+        self.query_features, self.sequence_features = pair_query_sequences(
+            schema, query_features, sequence_features, model="DIN"
+        )
         self.selection = FeatureSelection.from_schema(
             schema, features, exclude=self.query_features + self.sequence_features, model="DIN"
         )
         query_dim = sum(schema.table_of(n).embedding_dim for n in self.query_features)
-        self.embeddings = FeatureEmbeddings(schema)
+        inputs = self.declare_inputs(self.query_features, self.sequence_features, self.selection)
+        self.embeddings = FeatureEmbeddings(schema, inputs)
         self.attention = TargetAttention(query_dim, attention_hidden, activation=activation, softmax=attention_softmax)
         self.dnn = MLP(
             self.selection.flat_dim + 2 * query_dim + self.selection.dense_dim,
@@ -88,77 +93,11 @@ class DIN(RankingModel):
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         embedded = self.embeddings(batch)
         query = torch.cat([embedded.pooled[n] for n in self.query_features], dim=1)  # (B, Dq)
-        keys = torch.cat([embedded.sequences[n] for n in self.sequence_features], dim=2)  # (B, L, Dq)
-        mask = embedded.mask(self.sequence_features[0])  # (B, L)
-        interest = self.attention(query, keys, mask)  # (B, Dq)
+        history = concat_events({n: embedded.sequences[n] for n in self.sequence_features}, "DIN")
+        interest = self.attention(query, history.values, history.offsets)  # (B, Dq); values (N, Dq)
         parts = self.selection.gather_fields(embedded)  # [(B, D_f)]
         parts += [query, interest, self.selection.gather_dense(embedded)]
         hidden = self.dnn(torch.cat(parts, dim=1))  # (B, H)
         return self.head(hidden)  # {task: (B,)}
 
 
-def _pairs(
-    schema: Schema, query: Sequence[str] | None, sequences: Sequence[str] | None
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Checked (query_features, sequence_features)."""
-    if query is None and sequences is None:
-        query, sequences = _default_pairs(schema)
-    elif query is None or sequences is None:
-        raise ValueError(
-            "DIN: give both query_features and sequence_features (paired position by position), "
-            "or neither to pair each sequence with the sparse feature on its table"
-        )
-    query = (query,) if isinstance(query, str) else tuple(query)
-    sequences = (sequences,) if isinstance(sequences, str) else tuple(sequences)
-    if not query or len(query) != len(sequences):
-        raise ValueError(
-            f"DIN: query_features {list(query)} and sequence_features {list(sequences)} must be non-empty "
-            f"lists of the same length (paired position by position)"
-        )
-    unknown = [n for n in query + sequences if n not in schema.features]
-    if unknown:
-        raise ValueError(
-            f"DIN: unknown features {unknown}; schema {schema.name!r} has features {sorted(schema.features)}"
-        )
-    for name in query:
-        kind = schema.features[name].kind
-        if kind not in ("sparse", "multi_hot"):
-            raise ValueError(f"DIN: query feature {name!r} must be sparse or multi_hot, it is {kind}")
-    for name in sequences:
-        kind = schema.features[name].kind
-        if kind != "sequence":
-            raise ValueError(f"DIN: sequence feature {name!r} must be of kind sequence, it is {kind}")
-    repeated = sorted({n for n in sequences if sequences.count(n) > 1})
-    if repeated:
-        raise ValueError(f"DIN: sequence features {repeated} are listed more than once")
-    for q, s in zip(query, sequences, strict=True):
-        dq, ds = schema.table_of(q).embedding_dim, schema.table_of(s).embedding_dim
-        if dq != ds:
-            raise ValueError(
-                f"DIN: query feature {q!r} (table {schema.features[q].table!r}, dim {dq}) and sequence "
-                f"{s!r} (table {schema.features[s].table!r}, dim {ds}) must have the same embedding_dim"
-            )
-    max_lens = {s: schema.features[s].max_len for s in sequences}
-    if len(set(max_lens.values())) > 1:
-        raise ValueError(f"DIN: the sequence features must share one max_len, got {max_lens}")
-    return query, sequences
-
-
-def _default_pairs(schema: Schema) -> tuple[list[str], list[str]]:
-    query, sequences = [], []
-    for seq in schema.of_kind("sequence"):
-        candidates = [f.name for f in schema.of_kind("sparse") if f.table == seq.table]
-        if len(candidates) > 1:
-            raise ValueError(
-                f"DIN: sequence {seq.name!r} shares table {seq.table!r} with several sparse features "
-                f"{candidates}; set query_features and sequence_features"
-            )
-        if candidates:
-            query.append(candidates[0])
-            sequences.append(seq.name)
-    if not sequences:
-        raise ValueError(
-            f"DIN: schema {schema.name!r} has no sequence feature sharing a table with a sparse feature; "
-            f"set query_features and sequence_features"
-        )
-    return query, sequences
