@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +61,23 @@ class Jagged:
         return Jagged(np.concatenate([p.values for p in parts]), offsets)
 
 
+class HistoryRows(Protocol):
+    """Rows' pointers into per-user histories (``rec_dist.data.histories.HistoryRows``)."""
+
+    def take(self, idx: np.ndarray) -> HistoryRows: ...
+    def slice(self, start: int, stop: int) -> HistoryRows: ...
+    def concat(self, parts: list) -> HistoryRows: ...
+    def sequences(self) -> dict[str, Jagged]: ...
+
+
+class HistorySource(Protocol):
+    """Per-user histories stored once (``rec_dist.data.histories.HistoryTable``)."""
+
+    features: tuple[str, ...]
+
+    def rows(self, table: pa.Table, source: str, features: Sequence[str]) -> HistoryRows: ...
+
+
 @dataclass
 class ColumnChunk:
     """Checked columns of ``num_rows`` samples, ready to be cut into batches.
@@ -72,6 +90,7 @@ class ColumnChunk:
     labels: dict[str, np.ndarray]  # name -> (N,) float32
     num_rows: int
     dense_columns: tuple[tuple[str, int], ...] = ()
+    history: HistoryRows | None = None  # sequences stored once: sliced from the user's history in to_batch
 
     # ---- building -----------------------------------------------------------------
     @classmethod
@@ -82,16 +101,21 @@ class ColumnChunk:
         source: str,
         labels: bool = True,
         features: Sequence[str] | None = None,
+        history: HistorySource | None = None,
     ) -> ColumnChunk:
         """Check ``table`` against ``schema``; ``source`` names the file in errors.
 
         ``features`` (None: every schema feature) restricts which feature columns are read and
-        checked; the others may be absent from ``table``.
+        checked; the others may be absent from ``table``. With ``history`` (histories stored
+        once), its sequences are not columns of ``table``: the rows carry the user id and the
+        history end position instead, checked here and sliced in ``to_batch``.
         """
         n = table.num_rows
         wanted = None if features is None else set(features)
         chosen = [f for f in schema.features.values() if wanted is None or f.name in wanted]
-        ids = {f.name: _id_column(table, f, schema, source) for f in chosen if f.is_id}
+        stored_once = [f.name for f in chosen if history is not None and f.name in history.features]
+        rows = history.rows(table, source, stored_once) if history is not None and stored_once else None
+        ids = {f.name: _id_column(table, f, schema, source) for f in chosen if f.is_id and f.name not in stored_once}
         dense_features = [f for f in chosen if not f.is_id]
         dense_parts = [_dense_column(table, f, source) for f in dense_features]
         dense = np.concatenate(dense_parts, axis=1) if dense_parts else np.zeros((n, 0), np.float32)
@@ -99,7 +123,7 @@ class ColumnChunk:
         if labels:
             label_arrays = {lb.name: _label_column(table, lb, source) for lb in schema.labels.values()}
         dense_columns = tuple((f.name, f.dim) for f in dense_features)
-        return cls(ids, np.ascontiguousarray(dense, dtype=np.float32), label_arrays, n, dense_columns)
+        return cls(ids, np.ascontiguousarray(dense, dtype=np.float32), label_arrays, n, dense_columns, rows)
 
     @property
     def dense_names(self) -> tuple[str, ...]:
@@ -125,6 +149,7 @@ class ColumnChunk:
             labels={k: np.concatenate([c.labels[k] for c in chunks]) for k in first.labels},
             num_rows=sum(c.num_rows for c in chunks),
             dense_columns=first.dense_columns,
+            history=None if first.history is None else first.history.concat([c.history for c in chunks]),
         )
 
     # ---- cutting --------------------------------------------------------------------
@@ -135,6 +160,7 @@ class ColumnChunk:
             {k: v[idx] for k, v in self.labels.items()},
             len(idx),
             self.dense_columns,
+            None if self.history is None else self.history.take(idx),
         )
 
     def slice(self, start: int, stop: int) -> ColumnChunk:
@@ -145,6 +171,7 @@ class ColumnChunk:
             {k: v[start:stop] for k, v in self.labels.items()},
             stop - start,
             self.dense_columns,
+            None if self.history is None else self.history.slice(start, stop),
         )
 
     def to_batch(self, schema: Schema) -> Batch:
@@ -155,15 +182,17 @@ class ColumnChunk:
         holds the chunk's dense features in schema order.
         """
         pooled, unpooled = lookup_groups(schema)
+        ids = self.ids if self.history is None else {**self.ids, **self.history.sequences()}
         return Batch(
-            sparse=self._kjt([f for f in pooled if f.name in self.ids]),
-            sequence=self._kjt([f for f in unpooled if f.name in self.ids]),
+            sparse=self._kjt([f for f in pooled if f.name in ids], ids),
+            sequence=self._kjt([f for f in unpooled if f.name in ids], ids),
             dense=torch.from_numpy(np.ascontiguousarray(self.dense)),
             labels={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.labels.items()},
         )
 
-    def _kjt(self, features: list[Feature]) -> KeyedJaggedTensor:
-        cols = [self.ids[f.name] for f in features]
+    @staticmethod
+    def _kjt(features: list[Feature], ids: dict[str, Jagged]) -> KeyedJaggedTensor:
+        cols = [ids[f.name] for f in features]
         if not cols:
             return KeyedJaggedTensor.empty()
         values = np.concatenate([c.values for c in cols])
@@ -190,23 +219,33 @@ def _column(table: pa.Table, name: str, what: str, source: str) -> pa.ChunkedArr
 def _id_column(table: pa.Table, f: Feature, schema: Schema, source: str) -> Jagged:
     what = f"{f.kind} id feature"
     column = _column(table, f.name, what, source)
-    num_embeddings = schema.tables[f.table].num_embeddings  # type: ignore[index]
     if f.kind == "sparse":
         if not pa.types.is_integer(column.type):
             raise DataError(f"{source}: column {f.name!r} ({what}) must be an integer type, got {column.type}")
         jagged = Jagged(column.to_numpy().astype(np.int64, copy=False))
     else:
-        if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) or not (
-            pa.types.is_integer(column.type.value_type)
-        ):
-            raise DataError(f"{source}: column {f.name!r} ({what}) must be list<int64>, got {column.type}")
-        array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-        offsets = array.offsets.to_numpy().astype(np.int64)
-        offsets = offsets - offsets[0]  # list_flatten honours a sliced array's start
-        values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-        jagged = Jagged(values, offsets)
+        jagged = list_column(column, f.name, what, source)
         if f.kind == "sequence":
             jagged = _truncate(jagged, f.max_len)  # type: ignore[arg-type]
+    return check_ids(jagged, f, schema, source)
+
+
+def list_column(column: pa.ChunkedArray, name: str, what: str, source: str) -> Jagged:
+    """A ``list<int>`` column as flat int64 values + offsets."""
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) or not (
+        pa.types.is_integer(column.type.value_type)
+    ):
+        raise DataError(f"{source}: column {name!r} ({what}) must be list<int64>, got {column.type}")
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    offsets = array.offsets.to_numpy().astype(np.int64)
+    offsets = offsets - offsets[0]  # list_flatten honours a sliced array's start
+    values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    return Jagged(values, offsets)
+
+
+def check_ids(jagged: Jagged, f: Feature, schema: Schema, source: str, column: str | None = None) -> Jagged:
+    """Ids in ``[0, num_embeddings)`` of the feature's table, or hashed into it (``on_oov: hash``)."""
+    num_embeddings = schema.tables[f.table].num_embeddings  # type: ignore[index]
     bad = (jagged.values < 0) | (jagged.values >= num_embeddings)
     if bad.any():
         if f.on_oov == "hash":
@@ -214,7 +253,7 @@ def _id_column(table: pa.Table, f: Feature, schema: Schema, source: str) -> Jagg
         else:
             example = int(jagged.values[bad][0])
             raise DataError(
-                f"{source}: column {f.name!r} has {int(bad.sum())} ids outside [0, {num_embeddings}) "
+                f"{source}: column {column or f.name!r} has {int(bad.sum())} ids outside [0, {num_embeddings}) "
                 f"of table {f.table!r} (e.g. {example}); fix the data, enlarge the table, or set "
                 f"on_oov: hash for feature {f.name!r} in the schema"
             )

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from rec_dist.data.histories import HistorySpec, HistoryTable
 from rec_dist.data.items import ItemTable
 from rec_dist.data.parquet import ParquetBatches, list_parquet, loader_kwargs
 from rec_dist.data.schema import Schema
@@ -62,6 +63,16 @@ class ParquetDataModule(pl.LightningDataModule):
     the loaders read and check those alone.
     ``items`` names the item table (``items.parquet``: the item id column and
     the schema's ``item`` group); ``item_table()`` loads it once.
+
+    Histories come in two layouts. Row copy (the default; MovieLens): each row
+    holds its own history as ``list<int64>`` columns. Stored once (the schema's
+    ``histories`` block, see ``rec_dist.data.histories``): ``histories.parquet``
+    holds each user's events once, oldest first, and each row carries the user
+    id and ``history_end`` (how many of the user's events precede it); the
+    batch's sequence is the last ``max_len`` events before that end, sliced when
+    the batch is built. Per-event side features may be list columns of the
+    history table or joined from the item table (``from_items``). The history
+    table is loaded once per process, before loader workers start.
     """
 
     def __init__(
@@ -85,6 +96,9 @@ class ParquetDataModule(pl.LightningDataModule):
         self._item_table: ItemTable | None = None
         self.schema_path = Path(schema_path)
         self.schema = Schema.load(self.schema_path)
+        self.history_spec = HistorySpec.from_schema(self.schema, self.schema_path.parent)
+        self._history_schema = self.schema
+        self._history_tables: dict[tuple[str, ...], HistoryTable] = {}
         if features is not None:
             self.schema = self.schema.select(features)
         if embedding_dim is not None:
@@ -107,6 +121,21 @@ class ParquetDataModule(pl.LightningDataModule):
             self._item_table = ItemTable.load(path, self.schema)
         return self._item_table
 
+    def history_table(self, features: list[str] | None = None) -> HistoryTable | None:
+        """The per-user history table (schema ``histories``) holding ``features`` (None: all read ones), loaded
+        once; None in the row-copy layout or when no stored-once sequence is read."""
+        spec = self.history_spec
+        if spec is None:
+            return None
+        read = self.schema.features if features is None else features
+        wanted = tuple(f for f in spec.features if f in read)
+        if not wanted:
+            return None
+        if wanted not in self._history_tables:
+            items = self.item_table() if any(f in spec.from_items for f in wanted) and self.items else None
+            self._history_tables[wanted] = HistoryTable.load(spec, self._history_schema, items, wanted)
+        return self._history_tables[wanted]
+
     def split_files(self, split: str) -> list[str]:
         spec = self.splits[split]
         if spec is None:
@@ -120,6 +149,7 @@ class ParquetDataModule(pl.LightningDataModule):
             trainer = self.trainer
             rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
             training = split == "train"
+            columns = self.input_columns()
             self._datasets[split] = ParquetBatches(
                 self.split_files(split),
                 self.schema,
@@ -132,7 +162,8 @@ class ParquetDataModule(pl.LightningDataModule):
                 num_workers=self.num_workers,
                 equal_batches="min" if training else "max",
                 labels=split != "predict",
-                columns=self.input_columns(),
+                columns=columns,
+                history=self.history_table(columns),
             )
         return self._datasets[split]
 

@@ -101,3 +101,26 @@ class SeenItems:
         values = self.values[src]
         out = torch.from_numpy(offsets), torch.from_numpy(values)
         return (out[0].to(device), out[1].to(device)) if device is not None else out
+
+
+def item_counts(files: Sequence[str | os.PathLike], item_column: str, item_ids: np.ndarray) -> np.ndarray:
+    """How many rows of ``files`` hold each of ``item_ids`` (float64, ``item_ids`` order): the
+    popularity a most-popular baseline ranks by. Ids of the files absent from ``item_ids`` are ignored."""
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    counts = np.zeros(len(item_ids), dtype=np.float64)
+    order = np.argsort(item_ids)
+    for path in files:
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{path}: not a readable parquet file ({err})") from err
+        if item_column not in pf.schema_arrow.names:
+            raise DataError(f"{path}: column {item_column!r} (item ids) is missing; columns: {pf.schema_arrow.names}")
+        ids = pf.read(columns=[item_column]).column(item_column).to_numpy().astype(np.int64)
+        if not len(item_ids):
+            continue
+        pos = np.searchsorted(item_ids, ids, sorter=order).clip(max=len(item_ids) - 1)
+        rows = order[pos]
+        found = item_ids[rows] == ids
+        np.add.at(counts, rows[found], 1.0)
+    return counts

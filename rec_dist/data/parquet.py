@@ -22,6 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from rec_dist.data.batch import Batch
 from rec_dist.data.columns import ColumnChunk
+from rec_dist.data.histories import HistoryTable
 from rec_dist.data.schema import Schema
 from rec_dist.errors import DataError
 
@@ -97,7 +98,9 @@ class ParquetBatches(IterableDataset):
     ``columns`` (None: all) limits the feature columns read from parquet and
     checked to those named (labels are read whenever ``labels``); the batch's KJT
     grouping still follows the full schema, so a feature not read is simply
-    absent from its KJT.
+    absent from its KJT. ``history`` (histories stored once, ``rec_dist.data.histories``)
+    serves its sequences from a per-user table: the rows carry only the user id
+    and the history end position.
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class ParquetBatches(IterableDataset):
         equal_batches: str | None = None,
         labels: bool = True,
         columns: Sequence[str] | None = None,
+        history: HistoryTable | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -126,6 +130,7 @@ class ParquetBatches(IterableDataset):
         self.workers = max(1, num_workers)
         self.equal_batches, self.labels = equal_batches, labels
         self.features = None if columns is None else read_features(schema, columns)
+        self.history = history
         self.groups = row_groups(files)
         self.epoch = 0
 
@@ -184,6 +189,10 @@ class ParquetBatches(IterableDataset):
             try:
                 wanted = [*(self.schema.features if self.features is None else self.features),
                           *(self.schema.labels if self.labels else ())]
+                if self.history is not None and set(wanted) & set(self.history.features):
+                    spec = self.history.spec  # stored once: read the rows' pointers instead of sequences
+                    wanted = [c for c in wanted if c not in self.history.features]
+                    wanted += [c for c in (spec.user_column, spec.end_column) if c not in wanted]
                 # A missing column is reported, with its file, by ColumnChunk.from_arrow.
                 columns = [c for c in wanted if c in pf.schema_arrow.names]
                 table = pf.read_row_group(group.index, columns=columns)
@@ -193,7 +202,7 @@ class ParquetBatches(IterableDataset):
                 table = table.slice(group.start, group.rows)
             if table.num_rows:
                 yield ColumnChunk.from_arrow(table, self.schema, group.path, labels=self.labels,
-                                             features=self.features)
+                                             features=self.features, history=self.history)
 
     def _cut(self, chunks: Iterator[ColumnChunk], rng: np.random.Generator) -> Iterator[tuple[Batch, ColumnChunk]]:
         """Fill a buffer of rows, shuffle it, cut full batches; the rest carries over.

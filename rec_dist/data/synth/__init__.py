@@ -36,6 +36,13 @@ Planted rules (coefficients in ``COEFFICIENTS`` and in ``truth.json``):
   probability 0.8 (that category appears nowhere else beyond chance) - only a
   model that reads the whole sequence can see it. New users: length uniform in
   ``[0, max(1, seq_len // 10)]``, popular items only.
+* Per-user histories (``user_history_len > 0``; ``user_histories`` module).
+  Each user has one event log, oldest first, and a row's history is the
+  user's events before the row's ``history_end``. ``history_layout:
+  stored_once`` writes each log once (``histories.parquet``, the schema's
+  ``histories`` block) and rows that carry ``history_end`` instead of lists;
+  ``row_copy`` copies the last ``seq_len`` events into each row. Both layouts
+  give the same batches.
 * Click. ``P(click) = sigmoid(logit)`` with, for regular users,
   ``-2.5 + 2.5*[category == preferred] + 2.0*[category == old interest]
   - 0.4*item_price + 0.3*user_age_norm`` and, for new users (who ignore

@@ -48,6 +48,13 @@ class SynthConfig:
     embedding_dim: int = 16
     chunk_rows: int = 65_536
     seed: int = 0
+    # 0: every row draws its own history (at most seq_len events). > 0: every user has one event log of at
+    # most this many events (log-uniform lengths), and a row's history is the user's events before the
+    # row's history_end (the last seq_len of them in the row-copy layout).
+    user_history_len: int = 0
+    # row_copy: each row holds its history as list columns. stored_once: histories.parquet holds each
+    # user's log once and the rows carry history_end (needs user_history_len > 0).
+    history_layout: str = "row_copy"
 
     def validate(self) -> None:
         def need(ok: bool, field: str, rule: str) -> None:
@@ -55,7 +62,7 @@ class SynthConfig:
                 raise RecDistError(f"SynthConfig.{field} {rule}, got {getattr(self, field)!r}")
 
         for name in ("num_rows", "num_users", "num_items", "num_categories", "seq_len",
-                     "embedding_dim", "chunk_rows", "seed"):
+                     "embedding_dim", "chunk_rows", "seed", "user_history_len"):
             value = getattr(self, name)
             need(isinstance(value, int | np.integer) and not isinstance(value, bool), name, "must be an int")
         for name in ("num_rows", "num_users", "seq_len", "embedding_dim", "chunk_rows"):
@@ -70,4 +77,9 @@ class SynthConfig:
                  "must be a number")
         need(math.isfinite(self.zipf_a) and self.zipf_a >= 0, "zipf_a", "must be a finite number >= 0")
         need(0.0 <= self.cold_start_fraction <= 1.0, "cold_start_fraction", "must be in [0, 1]")
+        need(self.user_history_len >= 0, "user_history_len", "must be >= 0")
+        need(self.history_layout in ("row_copy", "stored_once"), "history_layout",
+             "must be 'row_copy' or 'stored_once'")
+        need(self.history_layout == "row_copy" or self.user_history_len > 0, "history_layout",
+             "'stored_once' needs per-user histories (user_history_len > 0)")
 

@@ -21,6 +21,8 @@ _S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(
 (S_USER, S_IMP_SRC, S_IMP_ITEM, S_LEN, S_HIST_SRC, S_HIST_ITEM, S_CLICK, S_LIKE, S_PURCHASE,
  S_WT_BOUNCE, S_WT_1, S_WT_2, S_PREF, S_NEW, S_HAS_OLD, S_OLD, S_AGE_1, S_AGE_2, S_PRICE_1,
  S_PRICE_2, S_BLOCK, S_PERM_USER, S_PERM_ITEM) = range(1, 24)
+# Per-user histories (user_history_len > 0): log length, event source / item, a row's history end.
+S_ULEN, S_UHIST_SRC, S_UHIST_ITEM, S_END = range(24, 28)
 
 
 def _mix_int(x: int) -> int:

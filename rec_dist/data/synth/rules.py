@@ -106,6 +106,22 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 
+def draw_events(m: _Model, u_slot: np.ndarray, u_item: np.ndarray, in_zone: np.ndarray, is_new: np.ndarray,
+                old_category: np.ndarray, preferred_category: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """History events (item ids, categories) from per-event uniforms and the owner's profile, per event."""
+    hist = m.coef["history"]
+    p_zone = hist["p_old_interest_in_zone"]
+    slot_old = in_zone & (u_slot < p_zone)
+    # Slots in the zone that did not pick the old interest reuse the rest of u_slot, rescaled.
+    u_rest = np.where(in_zone, (u_slot - p_zone) / (1.0 - p_zone) if p_zone < 1 else 1.0, u_slot)
+    p_pref = np.where(is_new, hist["p_preferred_new"], hist["p_preferred_regular"])
+    slot_pref = ~slot_old & (u_rest < p_pref)
+    del u_rest, p_pref
+    h_target = np.where(slot_old, old_category, preferred_category)
+    h_rank, h_cat = m.sample_item_ranks(u_item, h_target, slot_old | slot_pref)
+    return m.item_perm.to_id(h_rank), h_cat
+
+
 # ---- recomputing the truth -----------------------------------------------------------------
 TruthLike = SynthConfig | Mapping[str, Any] | str | os.PathLike
 

@@ -13,11 +13,13 @@ import pyarrow.parquet as pq
 
 from rec_dist.data.schema import Schema
 from rec_dist.data.synth.config import NEW, SynthConfig
-from rec_dist.data.synth.rows import ARROW_SCHEMA, generate_rows
+from rec_dist.data.synth.rows import HISTORY_COLUMNS, generate_rows, list_columns, rows_schema
 from rec_dist.data.synth.rules import _Model
+from rec_dist.data.synth.user_histories import user_logs
 from rec_dist.io import atomic_dir
 
 SPLITS = ("train", "val", "test")
+HISTORIES_FILE = "histories.parquet"
 # Sequence positions generated at once; bounds memory for long sequences.
 MAX_CHUNK_POSITIONS = 1 << 22
 AUC_BINS = 1 << 14
@@ -92,6 +94,10 @@ def build_schema(config: SynthConfig) -> Schema:
     m = _Model(config)
     dim = config.embedding_dim
     seq = config.seq_len
+    extra = {}
+    if config.history_layout == "stored_once":
+        extra["histories"] = {"file": HISTORIES_FILE, "user_column": "user_id", "end_column": "history_end",
+                              "sequences": list(HISTORY_COLUMNS)}
     return Schema.from_dict({
         "name": f"synth-seed{config.seed}",
         "tables": {
@@ -121,6 +127,7 @@ def build_schema(config: SynthConfig) -> Schema:
         "user_column": "user_id",
         "item_column": "item_id",
         "truth": "truth.json",
+        **extra,
     }, source="synth")
 
 
@@ -150,10 +157,28 @@ RULES = [
     "like only if click: P = sigmoid(bias + regular_preferred_category*[regular and preferred] "
     "+ new_user*[new]).",
     "purchase only if click: P = sigmoid(bias + like*like + item_price*price).",
+    "Per-user histories (user_history_len > 0): user u has one log of H(u) events, regular users H "
+    "log-uniform on [1, user_history_len], new users uniform on [0, max(1, floor(user_history_len * "
+    "new_max_len_fraction))]; event p of u is drawn by the history rules above from a hash of (seed, u, p) "
+    "(old-interest zone: the oldest ceil(old_zone_fraction * H(u)) events); a row's history_end is uniform on "
+    "[0, H(u)] and its history is the last seq_len events before it. history_layout stored_once writes "
+    "each log once to histories.parquet and only history_end to the rows.",
     "watch_time: if click exp(click_log_mean + preferred_category*[preferred] + like*like "
     "+ log_sigma*N(0,1)); "
     "otherwise an exponential(bounce_mean) bounce w.p. p_bounce, else 0.",
 ]
+
+
+def write_histories(path: Path, model: _Model) -> None:
+    """``histories.parquet``: every user's full log (user_id 1..num_users), a bounded number of events at once."""
+    config = model.cfg
+    users_per_chunk = max(1, MAX_CHUNK_POSITIONS // config.user_history_len)
+    schema = pa.schema([("user_id", pa.int64()), *((name, pa.list_(pa.int64())) for name in HISTORY_COLUMNS)])
+    with pq.ParquetWriter(path, schema) as writer:
+        for first in range(1, config.num_users + 1, users_per_chunk):
+            user_id = np.arange(first, min(first + users_per_chunk, config.num_users + 1), dtype=np.int64)
+            columns = {"user_id": pa.array(user_id), **list_columns(*user_logs(model, user_id))}
+            writer.write_table(pa.table(columns, schema=schema), row_group_size=len(user_id))
 
 
 def synthesize(out_dir: str | Path, config: SynthConfig | None = None, force: bool = False) -> Path:
@@ -170,20 +195,23 @@ def synthesize(out_dir: str | Path, config: SynthConfig | None = None, force: bo
     out = Path(out_dir)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists; pass force=True to overwrite it")
-    chunk = max(1, min(config.chunk_rows, MAX_CHUNK_POSITIONS // config.seq_len))
+    stored_once = config.history_layout == "stored_once"  # rows without sequences: no cap
+    chunk = config.chunk_rows if stored_once else max(1, min(config.chunk_rows, MAX_CHUNK_POSITIONS // config.seq_len))
     bounds = split_bounds(config.num_rows)
     stats: dict[str, Any] = {}
     with atomic_dir(out, overwrite=True) as tmp:
         for split in SPLITS:
             begin, end = bounds[split]
             split_stats = _Stats()
-            with pq.ParquetWriter(tmp / f"{split}.parquet", ARROW_SCHEMA) as writer:
+            with pq.ParquetWriter(tmp / f"{split}.parquet", rows_schema(config)) as writer:
                 for start in range(begin, end, chunk):
                     stop = min(start + chunk, end)
                     table = generate_rows(config, start, stop, with_truth=True, _model=model)
                     split_stats.add(table)
                     writer.write_table(table.drop_columns(["click_probability"]), row_group_size=len(table))
             stats[split] = split_stats
+        if config.history_layout == "stored_once":
+            write_histories(tmp / HISTORIES_FILE, model)
         total = _Stats()
         for s in stats.values():
             total.merge(s)
@@ -194,6 +222,7 @@ def synthesize(out_dir: str | Path, config: SynthConfig | None = None, force: bo
             "config": asdict(config),
             "effective_chunk_rows": chunk,
             "splits": {name: {"file": f"{name}.parquet", "rows": [b, e]} for name, (b, e) in bounds.items()},
+            **({"histories": HISTORIES_FILE} if config.history_layout == "stored_once" else {}),
             "rules": RULES,
             "coefficients": model.coef,
             "recompute": "rec_dist.data.synth.click_probability(table, truth) gives the true P(click); "
