@@ -100,26 +100,25 @@ def _mean_rows(weight: torch.Tensor, ids: list[int]) -> torch.Tensor:
 
 
 def ref_fields(model: nn.Module, rows: dict[str, list], b: int) -> dict[str, torch.Tensor]:
-    """Every id feature of sample ``b`` as one vector, sequences mean-pooled over their last MAX_LEN ids."""
-    bags = model.embeddings.pooled.embedding_bags
-    tables = model.embeddings.unpooled.embeddings
-    user, tag, item, genre = (
-        bags["user"].weight,
-        bags["tag"].weight,
-        tables["item"].weight,
-        tables["genre"].weight,
-    )
-    return {
-        "user_id": user[rows["user_id"][b]],
-        "tags": _mean_rows(tag, rows["tags"][b]),
-        "item_id": item[rows["item_id"][b]],
-        "primary_genre": genre[rows["primary_genre"][b]],
-        "genres": _mean_rows(genre, rows["genres"][b]),
-        "hist_item_id": _mean_rows(item, rows["hist_item_id"][b][-MAX_LEN:]),
-        "hist_genre": _mean_rows(genre, rows["hist_genre"][b][-MAX_LEN:]),
-        "age": torch.tensor([rows["age"][b]]),
-        "vec": torch.tensor(rows["vec"][b]),
+    """Every id feature of sample ``b`` whose table the model built, as one vector; sequences mean-pooled
+    over their last MAX_LEN ids."""
+    embeddings = model.embeddings
+    tables = {name: bag.weight for name, bag in embeddings.pooled.embedding_bags.items()} if embeddings.pooled else {}
+    if embeddings.unpooled is not None:
+        tables.update({name: table.weight for name, table in embeddings.unpooled.embeddings.items()})
+    recipes = {
+        "user_id": ("user", lambda w: w[rows["user_id"][b]]),
+        "tags": ("tag", lambda w: _mean_rows(w, rows["tags"][b])),
+        "item_id": ("item", lambda w: w[rows["item_id"][b]]),
+        "primary_genre": ("genre", lambda w: w[rows["primary_genre"][b]]),
+        "genres": ("genre", lambda w: _mean_rows(w, rows["genres"][b])),
+        "hist_item_id": ("item", lambda w: _mean_rows(w, rows["hist_item_id"][b][-MAX_LEN:])),
+        "hist_genre": ("genre", lambda w: _mean_rows(w, rows["hist_genre"][b][-MAX_LEN:])),
     }
+    out = {name: make(tables[table]) for name, (table, make) in recipes.items() if table in tables}
+    out["age"] = torch.tensor([rows["age"][b]])
+    out["vec"] = torch.tensor(rows["vec"][b])
+    return out
 
 
 def ref_first_order(model: nn.Module, rows: dict[str, list], b: int) -> torch.Tensor:

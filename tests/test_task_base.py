@@ -118,3 +118,20 @@ def test_samples_per_sec_is_logged_each_epoch_from_the_rows_trained(schema_path,
         # The task times from the first batch's start, so its window is inside the callback's.
         assert rate >= rows / seconds
         assert rate < rows / seconds * 50  # not off by orders of magnitude (e.g. counting batches, not rows)
+
+
+def test_a_batch_of_the_models_columns_scores_as_the_full_batch(schema, schema_path):
+    """Reading only input_columns() changes nothing for the model: dense features keep their schema columns."""
+    import pyarrow.parquet as pq
+
+    from rec_dist.data.columns import ColumnChunk
+
+    torch.manual_seed(0)
+    model = DeepFM(schema, ("click",), features=["item_id", "user_age_norm"], hidden=(8,)).eval()
+    table = pq.read_table(schema_path.parent / "train.parquet").slice(0, 64)
+    full = ColumnChunk.from_arrow(table, schema, "train.parquet").to_batch(schema)
+    some = ColumnChunk.from_arrow(table, schema, "train.parquet", features=model.input_features).to_batch(schema)
+    assert some.dense.shape == full.dense.shape == (64, schema.dense_dim)
+    assert set(some.sparse.keys()) | set(some.sequence.keys()) < set(full.sparse.keys()) | set(full.sequence.keys())
+    with torch.no_grad():
+        torch.testing.assert_close(model(some)["click"], model(full)["click"])

@@ -179,16 +179,31 @@ class ColumnChunk:
 
         Pass the full schema even when the chunk holds a column subset: a feature absent
         from the chunk is absent from its KJT, the others keep their place. ``dense``
-        holds the chunk's dense features in schema order.
+        always has the full schema's dense layout ``(N, schema.dense_dim)`` (a dense
+        feature the chunk did not read is zeros), so a model finds a feature's columns
+        at the same place in every batch (``FeatureSelection.gather_dense``).
         """
         pooled, unpooled = lookup_groups(schema)
         ids = self.ids if self.history is None else {**self.ids, **self.history.sequences()}
         return Batch(
             sparse=self._kjt([f for f in pooled if f.name in ids], ids),
             sequence=self._kjt([f for f in unpooled if f.name in ids], ids),
-            dense=torch.from_numpy(np.ascontiguousarray(self.dense)),
+            dense=torch.from_numpy(self._schema_dense(schema)),
             labels={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.labels.items()},
         )
+
+    def _schema_dense(self, schema: Schema) -> np.ndarray:
+        """``(N, schema.dense_dim)``: the chunk's dense blocks at their schema columns, zeros elsewhere."""
+        names = [f.name for f in schema.dense_features]
+        if list(self.dense_names) == names:
+            return np.ascontiguousarray(self.dense)
+        out = np.zeros((self.num_rows, schema.dense_dim), np.float32)
+        start = 0
+        for f in schema.dense_features:
+            if f.name in self.dense_names:
+                out[:, start : start + f.dim] = self.dense_block(f.name)
+            start += f.dim
+        return out
 
     @staticmethod
     def _kjt(features: list[Feature], ids: dict[str, Jagged]) -> KeyedJaggedTensor:

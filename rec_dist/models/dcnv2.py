@@ -65,7 +65,7 @@ class DCNv2(RankingModel):
         if in_features == 0:
             raise ValueError("DCNv2: `features` selects no input at all")
         self.structure = structure
-        self.embeddings = FeatureEmbeddings(schema)
+        self.embeddings = FeatureEmbeddings(schema, features=self.input_features)
         self.cross = CrossNetV2(in_features, num_cross_layers, low_rank)
         self.dnn = MLP(in_features, hidden, activation=activation, dropout=dropout, batchnorm=batchnorm)
         head_in = self.dnn.output_dim + (in_features if structure == "parallel" else 0)

@@ -70,7 +70,7 @@ class DeepFM(RankingModel):
         self.use_first_order = first_order
         first_order_ids = [f.name for f in schema.id_features if f.kind != "sequence"] if first_order else None
         self.declare_inputs(self.selection, first_order_ids)
-        self.embeddings = FeatureEmbeddings(schema, first_order=first_order)
+        self.embeddings = FeatureEmbeddings(schema, features=self.input_features, first_order=first_order)
         self.fm = FactorizationMachine()
         num_fields = len(self.selection.fields)
         self.dnn = MLP(
