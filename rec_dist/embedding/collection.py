@@ -138,7 +138,12 @@ class FeatureEmbeddings(nn.Module):
                     tables=_bag_configs(schema, non_seq, dim=FIRST_ORDER_DIM, suffix="_first_order"), device=device
                 )
 
-    def forward(self, batch: Batch) -> EmbeddedFeatures:
+    def forward(self, batch: Batch, complete: bool = False) -> EmbeddedFeatures:
+        """Look up every feature of these tables. ``complete``: a feature absent from the batch is looked
+        up as empty bags (an item-table batch through tables the query side shares, say), instead of an
+        error; its pooled vectors are zeros and its sequences empty."""
+        if complete:
+            batch = self.completed(batch)
         pooled: dict[str, torch.Tensor] = {}
         sequences: dict[str, JaggedSequence] = {}
         ids: dict[str, torch.Tensor] = {}
@@ -177,6 +182,39 @@ class FeatureEmbeddings(nn.Module):
             first = extra if first is None else first + extra
         lengths = {name: seq.lengths for name, seq in sequences.items()}
         return EmbeddedFeatures(pooled, sequences, lengths, batch.dense, first, ids)
+
+
+    def completed(self, batch: Batch) -> Batch:
+        """``batch`` holding every feature these tables look up (absent ones as empty bags), keys in the
+        order of full training batches, so a sharded lookup sees the layout it was built for."""
+        rows = batch.batch_size
+        pooled = [n for n in self._pooled_names]
+        unpooled = [n for inputs in self._unpooled_inputs.values() for n in inputs]
+        return Batch(
+            sparse=with_keys(batch.sparse, pooled, rows),
+            sequence=with_keys(batch.sequence, unpooled, rows),
+            dense=batch.dense,
+            labels=batch.labels,
+        )
+
+
+def with_keys(kjt: KeyedJaggedTensor, keys: Sequence[str], rows: int) -> KeyedJaggedTensor:
+    """``kjt`` holding ``keys`` (and its own), ``keys`` first; a key it lacks gets ``rows`` empty bags."""
+    have = kjt.keys()
+    if all(k in have for k in keys):
+        return kjt
+    jagged = kjt.to_dict()
+    order = [*keys, *(k for k in have if k not in keys)]
+    device = kjt.values().device
+    values, lengths = [], []
+    for key in order:
+        if key in jagged:
+            values.append(jagged[key].values())
+            lengths.append(jagged[key].lengths().to(torch.int32))
+        else:
+            values.append(torch.zeros(0, dtype=torch.int64, device=device))
+            lengths.append(torch.zeros(rows, dtype=torch.int32, device=device))
+    return KeyedJaggedTensor(keys=order, values=torch.cat(values).to(torch.int64), lengths=torch.cat(lengths))
 
 
 def _chosen(schema: Schema, features: Sequence[str] | None) -> set[str]:
