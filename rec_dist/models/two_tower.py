@@ -19,7 +19,8 @@ precomputed and searched by inner product.
 
 ``encode_item`` takes any batch holding the item features: a training
 batch (each row's positive item) or an item-table batch (the corpus), which
-lacks the query features; their lookups are then filled in as empty bags.
+lacks the query features (``FeatureEmbeddings(..., complete=True)`` looks
+them up as empty bags).
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from rec_dist.data.batch import Batch
-from rec_dist.data.schema import Schema, lookup_groups
+from rec_dist.data.schema import Schema
 from rec_dist.embedding.collection import EmbeddedFeatures, FeatureEmbeddings
 from rec_dist.layers.mlp import MLP
 from rec_dist.models.base import FeatureSelection
@@ -57,9 +57,9 @@ class Tower(nn.Module):
         in_features = selection.flat_dim + selection.dense_dim
         self.mlp = MLP(in_features, hidden, activation, dropout, batchnorm, output_dim=output_dim)
 
-    def forward(self, embedded: EmbeddedFeatures, dense: torch.Tensor) -> torch.Tensor:
+    def forward(self, embedded: EmbeddedFeatures) -> torch.Tensor:
         fields = self.selection.gather_fields(embedded)  # [(B, D_f)]
-        x = torch.cat([*fields, dense], dim=1)  # (B, sum D_f + n)
+        x = torch.cat([*fields, self.selection.gather_dense(embedded)], dim=1)  # (B, sum D_f + n)
         out = self.mlp(x)  # (B, d)
         return F.normalize(out, dim=-1) if self.normalize else out  # (B, d)
 
@@ -117,20 +117,6 @@ class TwoTower(nn.Module):
         self.query_tower = Tower(query_sel, hidden, output_dim, activation, dropout, batchnorm, normalize)
         self.item_tower = Tower(item_sel, hidden, output_dim, activation, dropout, batchnorm, normalize)
         self.output_dim = output_dim
-        pooled, unpooled = lookup_groups(schema)
-        ids = set(self.embeddings.features)
-        self._sparse_keys = [f.name for f in pooled if f.name in ids]
-        self._sequence_keys = [f.name for f in unpooled if f.name in ids]
-        self._query_only_ids = [f for f in query_sel.fields if f not in (item_group or ())]
-        # Dense layouts a batch may come in: rows read with only the model's columns (the data module's
-        # default), rows holding every schema column, and item-table rows (the item group only).
-        dense_of = {f.name: f.dim for f in schema.dense_features}
-        item_dense = [f for f in dense_of if f in (item_group or item_set)]
-        layouts = {"inputs": [f for f in dense_of if f in inputs], "full": list(dense_of), "items": item_dense}
-        self._dense = {
-            tower: {kind: _columns(layout, dense_of, sel.dense) for kind, layout in layouts.items()}
-            for tower, sel in (("query", query_sel), ("item", item_sel))
-        }
 
     @property
     def input_features(self) -> tuple[str, ...]:
@@ -140,52 +126,16 @@ class TwoTower(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Query vectors and the vectors of each row's own item, ``(B, d)`` each, from one lookup pass."""
         embedded = self.embeddings(batch)
-        query = self.query_tower(embedded, self._gather(batch, "query", item_rows=False))  # (B, d)
-        item = self.item_tower(embedded, self._gather(batch, "item", item_rows=False))  # (B, d)
-        return query, item
+        return self.query_tower(embedded), self.item_tower(embedded)  # (B, d), (B, d)
 
     def encode_query(self, batch: Batch) -> torch.Tensor:
         """``(B, d)`` query vectors of training / evaluation rows."""
-        embedded = self.embeddings(batch)
-        return self.query_tower(embedded, self._gather(batch, "query", item_rows=False))  # (B, d)
+        return self.query_tower(self.embeddings(batch))  # (B, d)
 
     def encode_item(self, item_batch: Batch) -> torch.Tensor:
-        """``(N, d)`` item vectors of a training batch's items or of item-table rows."""
-        item_rows = self._lacks_query_ids(item_batch)
-        if item_rows:
-            item_batch = self._complete(item_batch)
-        embedded = self.embeddings(item_batch)
-        return self.item_tower(embedded, self._gather(item_batch, "item", item_rows))  # (N, d)
-
-    # ---- batches of item-table rows -------------------------------------------------------------
-    def _lacks_query_ids(self, batch: Batch) -> bool:
-        keys = set(batch.sparse.keys()) | set(batch.sequence.keys())
-        return any(name not in keys for name in self._query_only_ids)
-
-    def _complete(self, batch: Batch) -> Batch:
-        """``batch`` with every id feature the embeddings look up, absent ones as empty bags (keys in
-        the training batches' order, so a sharded lookup sees the layout it was built for)."""
-        rows = batch.batch_size
-        return Batch(
-            sparse=_with_keys(batch.sparse, self._sparse_keys, rows),
-            sequence=_with_keys(batch.sequence, self._sequence_keys, rows),
-            dense=batch.dense,
-            labels=batch.labels,
-        )
-
-    def _gather(self, batch: Batch, tower: str, item_rows: bool) -> torch.Tensor:
-        """The tower's dense columns ``(B, n)``, located by the batch's dense layout."""
-        dense = batch.dense  # (B, num_dense of this batch)
-        width = dense.shape[1]
-        kinds = ("items",) if item_rows else ("inputs", "full")
-        for kind in kinds:
-            total, columns = self._dense[tower][kind]
-            if total == width and columns is not None:
-                return dense[:, columns] if len(columns) != width else dense  # (B, n)
-        raise ValueError(
-            f"{type(self).__name__}: a batch with {width} dense columns matches none of the layouts this model "
-            f"reads ({', '.join(k for k in kinds)}: {[self._dense[tower][k][0] for k in kinds]} columns)"
-        )
+        """``(N, d)`` item vectors of a training batch's items or of item-table rows (which lack the
+        query features: those are looked up as empty bags)."""
+        return self.item_tower(self.embeddings(item_batch, complete=True))  # (N, d)
 
 
 def _default(
@@ -201,35 +151,3 @@ def _default(
             f"list the features with `{knob}` (groups: {sorted(schema.groups)})"
         )
     return present
-
-
-def _columns(layout: list[str], dims: dict[str, int], wanted: tuple[str, ...]) -> tuple[int, list[int] | None]:
-    """(width of ``layout``, column indices of ``wanted`` in it; None when one is absent)."""
-    starts, start = {}, 0
-    for name in layout:
-        starts[name] = start
-        start += dims[name]
-    if any(name not in starts for name in wanted):
-        return start, None
-    return start, [starts[n] + j for n in wanted for j in range(dims[n])]
-
-
-def _with_keys(kjt: KeyedJaggedTensor, keys: list[str], rows: int) -> KeyedJaggedTensor:
-    """``kjt`` holding ``keys`` (and its own), in ``keys`` order; a key it lacks gets ``rows`` empty bags."""
-    have = kjt.keys()
-    if all(k in have for k in keys):
-        return kjt
-    jts = kjt.to_dict()
-    order = [k for k in keys] + [k for k in have if k not in keys]
-    device = kjt.values().device
-    values, lengths = [], []
-    for key in order:
-        if key in jts:
-            values.append(jts[key].values())
-            lengths.append(jts[key].lengths().to(torch.int32))
-        else:
-            values.append(torch.zeros(0, dtype=torch.int64, device=device))
-            lengths.append(torch.zeros(rows, dtype=torch.int32, device=device))
-    return KeyedJaggedTensor(
-        keys=order, values=torch.cat(values).to(torch.int64), lengths=torch.cat(lengths)
-    )
