@@ -14,7 +14,7 @@ split, so their id embedding carries nothing of their own; ``30pct``: the first 
 4 variants, 5 seeds, 5 epochs) fits 20 models, about 14 minutes on 2 cores.
 
 Each (variant, seed) is one ``rec-dist fit`` of ``configs/multitask/<base>.yaml`` with the data switched to
-the synthetic set and the knobs of ``VARIANTS`` set on the command line (tasks click and like, best epoch
+the synthetic set and the ``personalization`` of ``VARIANTS`` set on the command line (tasks click and like, best epoch
 by val mean AUC, then tested); the per-group test metrics of ``MultiTaskTask``
 (``test/click/{new,regular}/auc``) are read back from the MLflow experiment ``bench-cold-start``.
 The table also gives the Bayes AUC per group (scoring by the true click probability of the test rows)
@@ -81,19 +81,21 @@ DATASETS = {
 }
 DATA_DIR = {"rare-new": "synth-cold-start-rare-new", "30pct": "synth-cold-start"}
 M = "--model.init_args.model.init_args."
-# variant -> knobs of the base model's config (values as given on the rec-dist command line)
+PEPNET = {"domain_features": ["user_group"], "id_features": ["user_id", "item_id"]}  # EPNet: group; PPNet: ids
+POSO = {"mode": "{poso}", "features": ["user_group"]}  # code = user_group; mode filled in per base model
+# variant -> the base model's `personalization` (rec_dist.models.personalized), given on the rec-dist command line
 VARIANTS = {
     "base": {},
     # LHUC: the user's own fields (the synthetic schema has no age/gender/occupation)
-    "lhuc": {"lhuc": "true", "lhuc_features": "[user_id, user_group, user_activity, user_age_norm]"},
-    # PEPNet: EPNet gated by the user group, PPNet by user and item ids (the config's defaults)
-    "pepnet": {"pepnet": "true"},
-    "pepnet-g1": {"pepnet": "true", "pepnet_gamma": "1.0"},  # gates in (0, 1) instead of (0, 2)
-    "pepnet-dom-ua": {"pepnet": "true", "pepnet_domain_features": "[user_group, user_activity]"},
+    "lhuc": {"lhuc": {"features": ["user_id", "user_group", "user_activity", "user_age_norm"]}},
+    # PEPNet: EPNet gated by the user group, PPNet by user and item ids
+    "pepnet": {"pepnet": PEPNET},
+    "pepnet-g1": {"pepnet": {**PEPNET, "gamma": 1.0}},  # gates in (0, 1) instead of (0, 2)
+    "pepnet-dom-ua": {"pepnet": {**PEPNET, "domain_features": ["user_group", "user_activity"]}},
     # POSO: personalisation code = user_group; "mmoe" gates experts (MMoE/PLE), "mlp" the bottom (Shared-Bottom)
-    "poso": {"poso": "{poso}"},
-    "poso-c1": {"poso": "{poso}", "poso_scale": "1.0"},  # C = 1 instead of 2
-    "poso-ua": {"poso": "{poso}", "poso_features": "[user_group, user_activity]"},
+    "poso": {"poso": POSO},
+    "poso-c1": {"poso": {**POSO, "scale": 1.0}},  # C = 1 instead of 2
+    "poso-ua": {"poso": {**POSO, "features": ["user_group", "user_activity"]}},
 }
 POSO_MODE = {"mmoe": "mmoe", "ple": "mmoe", "shared_bottom": "mlp"}  # base config -> poso mode
 GROUP_MEAN = "val/group_mean_auc"  # monitored by GroupMeanCheckpoint (not logged)
@@ -113,6 +115,14 @@ class GroupMeanCheckpoint(ModelCheckpoint):
         if keys:
             candidates[GROUP_MEAN] = torch.stack([candidates[k].float() for k in keys]).mean()
         return candidates
+
+
+def personalization_args(blocks: dict, poso_mode: str) -> list[str]:
+    """``--...personalization <blocks>`` (JSON, POSO's mode filled in); none for the base model."""
+    if not blocks:
+        return []
+    text = json.dumps(blocks).replace('"{poso}"', json.dumps(poso_mode))
+    return [M + "personalization", text]
 
 
 def ensure_data(name: str) -> Path:
@@ -217,9 +227,7 @@ def main() -> None:
         for seed in args.seeds:
             prefix = "" if args.data == "30pct" else f"{args.data}-"  # 30pct: the first runs' names
             run_name = f"{prefix}{args.base}-{variant}-e{args.epochs}-b{args.batch_size}-seed{seed}"
-            knobs = []
-            for key, value in VARIANTS[variant].items():
-                knobs += [M + key, value.format(poso=POSO_MODE[args.base])]
+            knobs = personalization_args(VARIANTS[variant], POSO_MODE[args.base])
             fit_args = [
                 "--config", f"configs/multitask/{args.base}.yaml",
                 "--data.init_args.schema_path", str(data / "schema.yaml"),

@@ -215,8 +215,29 @@ def test_knob_errors(cls):
         cls(schema, ["click", "like"], **hidden, **knobs(POSOConfig(mode=mode, features=["x"])))
     with pytest.raises(ValueError, match=rf"{name}: personalization.poso.mode 'mha' is not supported; {name} takes"):
         cls(schema, ["click", "like"], **hidden, **knobs(POSOConfig(mode="mha", features=["tags"])))
-    with pytest.raises(TypeError, match=rf"{name}: personalization must be a PersonalizationConfig or None, got dict"):
-        cls(schema, ["click", "like"], personalization={"lhuc": {"features": ["user_id"]}})
+    with pytest.raises(ValueError, match=rf"{name}: personalization.lhuc: unknown keys \['feature'\]; allowed: feat"):
+        cls(schema, ["click", "like"], **hidden, personalization={"lhuc": {"feature": ["user_id"]}})
+    with pytest.raises(ValueError, match=rf"{name}: personalization.poso: missing keys \['features'\]"):
+        cls(schema, ["click", "like"], **hidden, personalization={"poso": {"mode": "mlp"}})
+    with pytest.raises(TypeError, match=rf"{name}: personalization must be a PersonalizationConfig, a mapping or None"):
+        cls(schema, ["click", "like"], personalization="lhuc")
+
+
+def test_a_plain_mapping_builds_the_same_model():
+    """Plain init args (a Python caller, an exported model's stored config) give the dataclass config."""
+    schema, batch = toy_schema(), to_batch(toy_schema(), toy_rows())
+    poso = {"mode": "mmoe", "features": ["tags"], "scale": 3.0}
+    raw = {"lhuc": {"features": ["user_id"]}, "pepnet": None, "poso": poso}
+    outs = []
+    for personalization in (raw, PersonalizationConfig.from_mapping(raw)):
+        torch.manual_seed(0)
+        model = PLE(schema, TASKS, expert_hidden=[4], tower_hidden=[3], personalization=personalization)
+        assert model.personal.config == PersonalizationConfig(
+            lhuc=LHUCConfig(features=("user_id",)), poso=POSOConfig(mode="mmoe", features=("tags",), scale=3.0)
+        )
+        outs.append(model(batch))
+    for task in TASKS:
+        assert_close(outs[0][task], outs[1][task])
 
 
 def test_personalization_config_errors_name_the_key():
@@ -251,6 +272,20 @@ def test_poso_modes_per_model():
         PLE(schema, shared_experts=0)
     with pytest.raises(ValueError, match="bottom_hidden needs at least one layer"):
         SharedBottom(schema, bottom_hidden=[])
+
+
+def test_input_features_include_the_personalisation_inputs_and_only_their_tables_are_built():
+    schema = toy_schema()
+    config = knobs(
+        LHUCConfig(features=["user_id"]),
+        PEPNetConfig(domain_features=["primary_genre"], id_features=["user_id"]),
+        POSOConfig(mode="mmoe", features=["tags", "vec"]),
+    )
+    model = MMoE(schema, TASKS, features=["item_id", "age"], num_experts=2, expert_hidden=[4], tower_hidden=[3],
+                 **config)
+    assert model.input_features == ("item_id", "age", "user_id", "primary_genre", "tags", "vec")
+    assert set(model.embeddings.features) == {"item_id", "user_id", "primary_genre", "tags"}
+    assert model(to_batch(schema, toy_rows()))["like"].shape == (6,)
 
 
 def test_feature_lists_may_name_schema_groups():

@@ -58,8 +58,8 @@ class MMoE(MultiTaskMixin, RankingModel):
         personalization: PersonalizationConfig | None = None,
     ) -> None:
         super().__init__(schema, tasks)
-        self.embeddings = FeatureEmbeddings(schema)
         self.personal = Personalization(schema, type(self).__name__, features, personalization, poso_modes=("mmoe",))
+        self.embeddings = FeatureEmbeddings(schema, self.declare_inputs(*self.personal.selections))
         lhuc, poso = self.personal.config.lhuc, self.personal.config.poso
         n, num_tasks = self.personal.input_dim, len(self.tasks)
         mlp_args = {"activation": activation, "dropout": dropout, "batchnorm": batchnorm}
@@ -133,8 +133,8 @@ class PLE(MultiTaskMixin, RankingModel):
             raise ValueError(f"PLE: num_levels must be positive, got {num_levels}")
         if shared_experts <= 0:
             raise ValueError(f"PLE: shared_experts must be positive (the tasks share only them), got {shared_experts}")
-        self.embeddings = FeatureEmbeddings(schema)
         self.personal = Personalization(schema, type(self).__name__, features, personalization, poso_modes=("mmoe",))
+        self.embeddings = FeatureEmbeddings(schema, self.declare_inputs(*self.personal.selections))
         lhuc, poso = self.personal.config.lhuc, self.personal.config.poso
         num_tasks = len(self.tasks)
         mlp_args = {"activation": activation, "dropout": dropout, "batchnorm": batchnorm}

@@ -21,7 +21,9 @@ optional entry per block::
   the first hidden layer (mlp) or the first PLE level (mmoe).
 
 The dataclasses check what a type can say (non-empty feature lists, positive scales, known
-modes; the Lightning CLI parses them from YAML or ``--...personalization.poso.mode mmoe``).
+modes; the Lightning CLI parses them from YAML or ``--...personalization.poso.mode mmoe``). A
+plain mapping of the same shape is taken too (``PersonalizationConfig.from_mapping``: Python
+callers, and an exported model rebuilt from its stored init args).
 What depends on the model and the schema (the feature exists, the model supports this mode)
 is checked by ``Personalization`` / ``check_personalization``, whose errors name the model and
 the key, e.g. ``MMoE: personalization.poso.features: 'x' is neither a feature nor a group``.
@@ -35,9 +37,10 @@ model's own tables, whether or not ``features`` also selects them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -123,23 +126,61 @@ class PersonalizationConfig:
     poso: POSOConfig | None = None
 
     def __post_init__(self) -> None:
-        for name, cls in (("lhuc", LHUCConfig), ("pepnet", PEPNetConfig), ("poso", POSOConfig)):
+        for name, cls in BLOCKS.items():
             value = getattr(self, name)
             if value is not None and not isinstance(value, cls):
                 raise TypeError(f"{KEY}.{name}: expected a {cls.__name__} or None, got {type(value).__name__}")
 
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> PersonalizationConfig:
+        """The config from plain mappings, e.g. ``{"poso": {"mode": "mmoe", "features": ["user_group"]}}``.
+
+        For Python callers and for init args stored as plain data (an exported model's); the CLI
+        builds the dataclasses itself.
+        """
+        _check_keys(raw, KEY, set(BLOCKS), set())
+        blocks = {}
+        for name, block in raw.items():
+            if isinstance(block, Mapping):
+                fields = dataclasses.fields(BLOCKS[name])
+                required = {f.name for f in fields if f.default is dataclasses.MISSING}
+                _check_keys(block, f"{KEY}.{name}", {f.name for f in fields}, required)
+                block = BLOCKS[name](**block)
+            blocks[name] = block
+        return cls(**blocks)
+
+
+BLOCKS = {"lhuc": LHUCConfig, "pepnet": PEPNetConfig, "poso": POSOConfig}
+
+
+def _check_keys(raw: object, where: str, allowed: set[str], required: set[str]) -> None:
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where}: expected a mapping with keys {sorted(allowed)}, got {raw!r}")
+    unknown, missing = sorted(set(raw) - allowed), sorted(required - set(raw))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {', '.join(sorted(allowed))}")
+    if missing:
+        raise ValueError(f"{where}: missing keys {missing}")
+
 
 def check_personalization(
-    config: PersonalizationConfig | None,
+    config: PersonalizationConfig | Mapping[str, Any] | None,
     model: str,
     poso_modes: Sequence[str],
     blocks: Sequence[str] = ("lhuc", "pepnet", "poso"),
 ) -> PersonalizationConfig:
-    """``config`` (None: all off) after checking ``model`` supports its blocks and its POSO mode."""
+    """``config`` (None: all off; a mapping: ``PersonalizationConfig.from_mapping``) after checking
+    ``model`` supports its blocks and its POSO mode."""
     if config is None:
         return PersonalizationConfig()
+    if isinstance(config, Mapping):
+        try:
+            config = PersonalizationConfig.from_mapping(config)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{model}: {err}") from err
     if not isinstance(config, PersonalizationConfig):
-        raise TypeError(f"{model}: {KEY} must be a PersonalizationConfig or None, got {type(config).__name__}")
+        raise TypeError(f"{model}: {KEY} must be a PersonalizationConfig, a mapping or None, got "
+                        f"{type(config).__name__}")
     for name in ("lhuc", "pepnet", "poso"):
         if getattr(config, name) is not None and name not in blocks:
             raise ValueError(f"{model}: {KEY}.{name} is not supported; {model} takes {KEY}.{{{', '.join(blocks)}}}")

@@ -61,8 +61,8 @@ class SharedBottom(MultiTaskMixin, RankingModel):
     ) -> None:
         super().__init__(schema, tasks)
         name = type(self).__name__
-        self.embeddings = FeatureEmbeddings(schema)
         self.personal = Personalization(schema, name, features, personalization, poso_modes=self._poso_modes)
+        self.embeddings = FeatureEmbeddings(schema, self.declare_inputs(*self.personal.selections))
         lhuc, poso = self.personal.config.lhuc, self.personal.config.poso
         bottom_hidden = [int(h) for h in bottom_hidden]
         if not bottom_hidden and not self._allow_empty_bottom:

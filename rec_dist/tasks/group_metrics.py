@@ -1,8 +1,8 @@
 """Metrics per user group of ``MultiTaskTask``: the groups (``UserGroups``) and the metrics of
 one task on one group's rows (``SubsetMetrics``; ``RegressionMetrics`` for mse tasks).
 
-``group_metrics`` (the task's config, read by ``UserGroups.from_config``) names one feature
-and the groups of rows to report separately: ``groups`` maps a group name to the feature
+``group_metrics`` (the task's config, ``GroupMetricsConfig``, read by ``UserGroups.from_config``)
+names one feature and the groups of rows to report separately: ``groups`` maps a group name to the feature
 values in it (a list) or to a half-open range ``{min: a, max: b}`` (either bound may be left
 out); ``new_below: K`` is short for ``groups: {new: {max: K}, regular: {min: K}}``. The
 feature's value is the id of a sparse feature, the length of a sequence feature (after
@@ -25,6 +25,77 @@ from torchmetrics.classification import BinaryAUROC
 
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
+
+# ---- the config -------------------------------------------------------------------------------------------
+WHERE = "model.init_args.group_metrics"
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class GroupMetricsConfig:
+    """``group_metrics`` of ``MultiTaskTask`` (see the module docstring); jsonargparse parses it from YAML.
+
+    ``feature``: the feature whose value defines the groups; exactly one of ``groups`` (group name ->
+    a list of values or a range ``{min: a, max: b}``, either bound may be left out) and ``new_below: K``
+    (short for ``{new: {max: K}, regular: {min: K}}``). What needs the schema is checked by
+    ``UserGroups.from_config``. (A range is a plain mapping, not a dataclass: jsonargparse validates a
+    dataclass holding a dict of dataclasses before it instantiates the inner ones.)
+    """
+
+    feature: str
+    groups: dict[str, list[int | float] | dict[str, float]] | None = None
+    new_below: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.feature, str) or not self.feature:
+            raise ValueError(f"{WHERE}.feature: name the feature that defines the groups, e.g. user_group")
+        if (self.groups is None) == (self.new_below is None):
+            raise ValueError(f"{WHERE}: give exactly one of `groups` and `new_below`")
+        if self.new_below is not None and not _number(self.new_below):
+            raise ValueError(f"{WHERE}.new_below must be a number, got {self.new_below!r}")
+        if self.groups is not None:
+            if not isinstance(self.groups, Mapping) or not self.groups:
+                raise ValueError(f"{WHERE}.groups: expected a non-empty mapping group name -> values or {{min, max}}")
+            for name, rule in self.groups.items():
+                _rule(rule, f"{WHERE}.groups.{name}")
+
+    def rules(self) -> dict[str, GroupRule]:
+        """Group name -> its ``GroupRule``."""
+        if self.new_below is not None:
+            k = float(self.new_below)
+            return {"new": GroupRule(max=k), "regular": GroupRule(min=k)}
+        return {str(name): _rule(rule, f"{WHERE}.groups.{name}") for name, rule in (self.groups or {}).items()}
+
+    @classmethod
+    def from_mapping(cls, spec: Mapping[str, Any]) -> GroupMetricsConfig:
+        """The config from a plain mapping (Python callers; YAML goes through jsonargparse)."""
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{WHERE}: expected a mapping {{feature, groups | new_below}}, got {spec!r}")
+        unknown = sorted(set(spec) - {"feature", "groups", "new_below"})
+        if unknown:
+            raise ValueError(f"{WHERE}: unknown keys {unknown}; allowed: feature, groups, new_below")
+        return cls(spec.get("feature"), spec.get("groups"), spec.get("new_below"))  # type: ignore[arg-type]
+
+
+def _rule(raw: Any, where: str) -> GroupRule:
+    if isinstance(raw, list | tuple) and raw and all(_number(v) for v in raw):
+        return GroupRule(values=tuple(raw))
+    if isinstance(raw, Mapping):
+        unknown = sorted(set(raw) - {"min", "max"})
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; a range has min and max")
+        lo, hi = raw.get("min"), raw.get("max")
+        if lo is None and hi is None:
+            raise ValueError(f"{where}: give min, max or both")
+        if any(b is not None and not _number(b) for b in (lo, hi)):
+            raise ValueError(f"{where}: min and max must be numbers, got {lo!r}, {hi!r}")
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"{where}: min {lo} must be below max {hi}")
+        return GroupRule(min=lo, max=hi)
+    raise ValueError(f"{where}: expected a list of values or a range {{min: a, max: b}}, got {raw!r}")
 
 
 # ---- user groups ----------------------------------------------------------------------------------------
@@ -57,35 +128,18 @@ class UserGroups:
     dense_column: int = 0
 
     @classmethod
-    def from_config(cls, spec: Mapping[str, Any], schema: Schema) -> UserGroups:
-        where = "model.init_args.group_metrics"
-        if not isinstance(spec, Mapping):
-            raise ValueError(f"{where}: expected a mapping {{feature, groups | new_below}}, got {spec!r}")
-        unknown = sorted(set(spec) - {"feature", "groups", "new_below"})
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}; allowed: feature, groups, new_below")
-        if "feature" not in spec:
-            raise ValueError(f"{where}.feature: name the feature that defines the groups, e.g. user_group")
-        feature = schema.feature(spec["feature"])
+    def from_config(cls, spec: GroupMetricsConfig | Mapping[str, Any], schema: Schema) -> UserGroups:
+        """The groups of ``spec`` (a ``GroupMetricsConfig``, or a mapping of its fields) on ``schema``."""
+        config = spec if isinstance(spec, GroupMetricsConfig) else GroupMetricsConfig.from_mapping(spec)
+        feature = schema.feature(config.feature)
         if feature.kind == "multi_hot" or (feature.kind == "dense" and feature.dim != 1):
-            raise ValueError(f"{where}.feature: {feature.name!r} must be a sparse, sequence or one-column dense "
+            raise ValueError(f"{WHERE}.feature: {feature.name!r} must be a sparse, sequence or one-column dense "
                              f"feature, not {feature.kind} (dim {feature.dim})")
-        if ("groups" in spec) == ("new_below" in spec):
-            raise ValueError(f"{where}: give exactly one of `groups` and `new_below`")
-        if "new_below" in spec:
-            k = spec["new_below"]
-            if isinstance(k, bool) or not isinstance(k, int | float):
-                raise ValueError(f"{where}.new_below must be a number, got {k!r}")
-            rules = {"new": GroupRule(max=float(k)), "regular": GroupRule(min=float(k))}
-        else:
-            groups = spec["groups"]
-            if not isinstance(groups, Mapping) or not groups:
-                raise ValueError(f"{where}.groups: expected a non-empty mapping group name -> values or {{min, max}}")
-            rules = {str(name): _rule(rule, f"{where}.groups.{name}") for name, rule in groups.items()}
+        rules = config.rules()
         if feature.kind == "sequence":
             bounds = [b for r in rules.values() for b in (r.min, r.max) if b is not None]
             if any(b > feature.max_len for b in bounds):
-                raise ValueError(f"{where}: {feature.name!r} is truncated to max_len {feature.max_len}, so a "
+                raise ValueError(f"{WHERE}: {feature.name!r} is truncated to max_len {feature.max_len}, so a "
                                  f"length bound above it cannot be told apart; got bounds {bounds}")
         column = 0
         for f in schema.dense_features:
@@ -106,17 +160,6 @@ class UserGroups:
     def masks(self, batch: Batch) -> dict[str, torch.Tensor]:
         value = self.value(batch)
         return {name: rule.mask(value) for name, rule in self.rules.items()}
-
-
-def _rule(raw: Any, where: str) -> GroupRule:
-    if isinstance(raw, list | tuple) and raw and all(isinstance(v, int | float) for v in raw):
-        return GroupRule(values=tuple(raw))
-    if isinstance(raw, Mapping) and raw and set(raw) <= {"min", "max"}:
-        lo, hi = raw.get("min"), raw.get("max")
-        if lo is not None and hi is not None and lo >= hi:
-            raise ValueError(f"{where}: min {lo} must be below max {hi}")
-        return GroupRule(min=lo, max=hi)
-    raise ValueError(f"{where}: expected a list of values or a range {{min: a, max: b}}, got {raw!r}")
 
 
 # ---- metrics --------------------------------------------------------------------------------------------
