@@ -10,6 +10,7 @@ import torch
 from torch.testing import assert_close
 
 from rec_dist.models import BST
+from rec_dist.models.personalized import LHUCConfig, PersonalizationConfig, POSOConfig
 from tests.model_helpers import (
     ALL_DENSE,
     MAX_LEN,
@@ -93,17 +94,22 @@ def test_bst_matches_reference(poso, longest):
         rows[name] = [h[-longest:] for h in rows[name]]
     model = BST(schema, tasks=["like"], query_features=["item_id", "primary_genre"],
                 sequence_features=["hist_item_id", "hist_genre"], num_heads=2, ffn_hidden=6, hidden=[5, 3],
-                dropout=0.0, poso=poso, poso_features=["user_id"], poso_scale=2.0)
+                dropout=0.0, personalization=_poso(poso))
     randomise(model)
     model.eval()
     assert model.positions.shape == (MAX_LEN + 1, 2 * SEQ_TABLE_DIM)
     assert_close(model(to_batch(schema, rows))["like"], _bst_reference(model, rows)["like"])
 
 
+def _poso(mode: str | None) -> PersonalizationConfig | None:
+    """POSO on the attention heads (mode ``mha``), code = the user id's embedding."""
+    return None if mode is None else PersonalizationConfig(poso=POSOConfig(mode=mode, features=["user_id"], scale=2.0))
+
+
 def test_poso_heads_depend_on_the_personalisation_code():
     schema = toy_schema()
     rows = toy_rows()
-    model = BST(schema, num_heads=2, hidden=[5], dropout=0.0, poso="mha", poso_features=["user_id"])
+    model = BST(schema, num_heads=2, hidden=[5], dropout=0.0, personalization=_poso("mha"))
     randomise(model)
     model.eval()
     before = model(to_batch(schema, rows))["like"]
@@ -131,12 +137,15 @@ def test_bst_learns_a_planted_history_signal():
 
 def test_bst_configuration_errors():
     schema = toy_schema()
-    with pytest.raises(ValueError, match="poso must be null or 'mha'"):
-        BST(schema, poso="mmoe")
+    with pytest.raises(ValueError, match=r"BST: personalization.poso.mode 'mmoe' is not supported; BST takes .*'mha'"):
+        BST(schema, personalization=_poso("mmoe"))
+    lhuc = PersonalizationConfig(lhuc=LHUCConfig(features=["user_id"]))
+    with pytest.raises(ValueError, match=r"BST: personalization.lhuc is not supported; BST takes only personalizat"):
+        BST(schema, personalization=lhuc)
     with pytest.raises(ValueError, match="must be divisible by num_heads 3"):
         BST(schema, num_heads=3)
-    with pytest.raises(ValueError, match="'nope' is neither a feature nor a group"):
-        BST(schema, poso="mha", poso_features=["nope"])
+    with pytest.raises(ValueError, match="^BST: personalization.poso.features: 'nope' is neither a feature nor"):
+        BST(schema, personalization={"poso": {"mode": "mha", "features": ["nope"]}})
     with pytest.raises(ValueError, match="^BST: give both"):  # the pairing checks name the model
         BST(schema, query_features=["item_id"])
     with pytest.raises(ValueError, match="^BST: the sequence features must share one max_len"):

@@ -19,10 +19,11 @@ so the outputs are those of padding to ``max_len``. The paper flattens all L+1
 outputs into the DNN; the target's output and the masked mean of the history
 outputs keep the DNN's width independent of ``max_len``.
 
-POSO (Dai et al. 2021), ``poso: mha``: the attention becomes
+POSO (Dai et al. 2021), ``personalization: {poso: {mode: mha, features: [...]}}``
+(``rec_dist.models.personalized``): the attention becomes
 ``POSOMultiHeadAttention``, whose heads are scaled per user by
-``C * sigmoid(MLP(pc))``, the personalisation code ``pc`` being the
-concatenated ``poso_features`` (e.g. ``user_group``): new and regular users
+``C * sigmoid(MLP(pc))`` (C = ``scale``), the personalisation code ``pc`` being the
+concatenated ``features`` (e.g. ``user_group``): new and regular users
 get their own mix of heads. Output ``{task: (B,)}``.
 """
 
@@ -40,6 +41,7 @@ from rec_dist.embedding.jagged import concat_events
 from rec_dist.layers.mlp import MLP
 from rec_dist.layers.poso import POSOMultiHeadAttention
 from rec_dist.models.base import FeatureSelection, RankingModel, TaskHead, pair_query_sequences
+from rec_dist.models.personalized import PersonalizationConfig, check_personalization, select_features
 
 
 class BST(RankingModel):
@@ -51,10 +53,9 @@ class BST(RankingModel):
         ffn_hidden: width of the block's feed-forward layer (None: 4 D).
         hidden: DNN hidden sizes.
         dropout: dropout in the Transformer block and the DNN.
-        poso: None or ``"mha"`` (POSO gates on the attention heads).
-        poso_features: the personalisation code: sparse / multi-hot (embedding) or dense features.
-        poso_scale: C, the gates lie in (0, C).
-        poso_gate_hidden: hidden width of the POSO gate (None: num_heads).
+        personalization: ``poso`` (mode ``mha``) gates the attention heads by ``scale · sigmoid(MLP(pc))``,
+            pc = its ``features`` (sparse / multi-hot embeddings or dense values); ``gate_hidden``: the
+            gate's hidden width (None: num_heads). BST takes no ``lhuc`` or ``pepnet``.
     """
 
     def __init__(
@@ -68,10 +69,7 @@ class BST(RankingModel):
         ffn_hidden: int | None = None,
         hidden: Sequence[int] = (256, 128),
         dropout: float = 0.1,
-        poso: str | None = None,
-        poso_features: Sequence[str] = ("user_group",),
-        poso_scale: float = 2.0,
-        poso_gate_hidden: int | None = None,
+        personalization: PersonalizationConfig | None = None,
     ) -> None:
         super().__init__(schema, tasks)
         self.query_features, self.sequence_features = pair_query_sequences(
@@ -79,9 +77,8 @@ class BST(RankingModel):
         )
         used = self.query_features + self.sequence_features
         self.selection = FeatureSelection.from_schema(schema, features, exclude=used, model="BST")
-        if poso not in (None, "mha"):
-            raise ValueError(f"BST: poso must be null or 'mha', got {poso!r}")
-        self.code = FeatureSelection.from_schema(schema, poso_features, model="BST poso_features") if poso else None
+        poso = check_personalization(personalization, "BST", poso_modes=("mha",), blocks=("poso",)).poso
+        self.code = None if poso is None else select_features(schema, poso.features, "BST", "poso.features")
         dim = sum(schema.table_of(n).embedding_dim for n in self.query_features)
         if dim % num_heads:
             raise ValueError(f"BST: the token width {dim} (query embedding dims) must be divisible by num_heads "
@@ -90,9 +87,9 @@ class BST(RankingModel):
         inputs = self.declare_inputs(self.query_features, self.sequence_features, self.selection, self.code)
         self.embeddings = FeatureEmbeddings(schema, inputs)
         self.positions = nn.Parameter(torch.randn(max_len + 1, dim) * 0.01)  # (L+1, D)
-        if self.code is not None:
+        if poso is not None:
             code_dim = self.code.flat_dim + self.code.dense_dim
-            self.attention = POSOMultiHeadAttention(dim, num_heads, code_dim, poso_scale, poso_gate_hidden)
+            self.attention = POSOMultiHeadAttention(dim, num_heads, code_dim, poso.scale, poso.gate_hidden)
         else:
             self.attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)

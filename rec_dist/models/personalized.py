@@ -183,7 +183,8 @@ def check_personalization(
                         f"{type(config).__name__}")
     for name in ("lhuc", "pepnet", "poso"):
         if getattr(config, name) is not None and name not in blocks:
-            raise ValueError(f"{model}: {KEY}.{name} is not supported; {model} takes {KEY}.{{{', '.join(blocks)}}}")
+            takes = ", ".join(f"{KEY}.{b}" for b in blocks)
+            raise ValueError(f"{model}: {KEY}.{name} is not supported; {model} takes only {takes}")
     if config.poso is not None and config.poso.mode not in poso_modes:
         raise ValueError(
             f"{model}: {KEY}.poso.mode {config.poso.mode!r} is not supported; {model} takes one of {list(poso_modes)}"
