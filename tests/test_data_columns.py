@@ -63,7 +63,7 @@ def test_subset_keeps_the_full_schema_grouping(small_parquet, schema):
     batch = next(iter(ParquetBatches(paths, schema, batch_size=16, columns=["item_id"])))
     # item_id shares its table with the sequence hist_item_id: unpooled, whether or not the history is read.
     assert batch.sequence.keys() == ["item_id"] and batch.sparse.keys() == []
-    assert batch.dense.shape == (16, 0)
+    assert batch.dense.shape == (16, 1) and not batch.dense.any()  # schema dense layout; price not read: zeros
     assert batch.sequence["item_id"].values().tolist() == table.column("item_id").to_pylist()[:16]
 
 
