@@ -13,6 +13,25 @@ import sys
 from rec_dist.quiet import quiet_startup
 
 
+def _task_checkpoint():
+    """The best-checkpoint callback: it watches the task's own ``monitor = (metric, mode)`` (ranking tasks
+    ``val/auc``, retrieval ``val/recall_at_K``), read from the LightningModule when the trainer sets up."""
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class TaskCheckpoint(ModelCheckpoint):
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            monitor, mode = getattr(pl_module, "monitor", (self.monitor, self.mode))
+            if mode not in ("min", "max"):
+                raise ValueError(f"{type(pl_module).__name__}.monitor: mode must be 'min' or 'max', got {mode!r}")
+            if (monitor, mode) != (self.monitor, self.mode):
+                self.monitor, self.mode = monitor, mode
+                self.kth_value = torch.tensor(torch.inf if mode == "min" else -torch.inf)
+            super().setup(trainer, pl_module, stage)
+
+    return TaskCheckpoint(monitor="val/auc", mode="max", filename="best-{epoch}")
+
+
 def _trainer_defaults() -> dict:
     """Defaults a config may override; the callbacks here are always added."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -23,7 +42,7 @@ def _trainer_defaults() -> dict:
         "logger": {"class_path": "rec_dist.tracking.mlflow.MLflowLogger"},
         "callbacks": [
             RunPlots(),
-            ModelCheckpoint(monitor="val/auc", mode="max", filename="best-{epoch}"),
+            _task_checkpoint(),
             # The newest epoch and last.ckpt: a monitored callback rewrites last.ckpt only when it saved a
             # new best (Lightning 2.6), so resuming from it would go back to the best epoch.
             ModelCheckpoint(filename="latest-{epoch}", save_top_k=1, save_last=True),

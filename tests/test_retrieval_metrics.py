@@ -30,8 +30,8 @@ def naive_rank(q, items, ids, target, excluded):
 def naive_metrics(ranks, ks):
     out = {}
     for k in ks:
-        out[f"recall@{k}"] = sum(r <= k for r in ranks) / len(ranks)
-        out[f"ndcg@{k}"] = sum(1 / math.log2(r + 1) for r in ranks if r <= k) / len(ranks)
+        out[f"recall_at_{k}"] = sum(r <= k for r in ranks) / len(ranks)
+        out[f"ndcg_at_{k}"] = sum(1 / math.log2(r + 1) for r in ranks if r <= k) / len(ranks)
     out["mrr"] = sum(1 / r for r in ranks) / len(ranks)
     return out
 
@@ -87,7 +87,7 @@ def test_metrics_from_ranks_match_the_formulas():
     # rank 3 -> 1/log2(4) = 0.5 whatever the target's id or corpus position
     one = RetrievalMetrics(ks=(5,))
     one.update(torch.tensor([3]))
-    assert float(one.compute()["ndcg@5"]) == pytest.approx(0.5)
+    assert float(one.compute()["ndcg_at_5"]) == pytest.approx(0.5)
 
 
 def test_ndcg_catches_index_instead_of_rank():
@@ -97,7 +97,7 @@ def test_ndcg_catches_index_instead_of_rank():
     items[4] = torch.tensor([2.0, 0.0])  # one item above it
     metric = RetrievalMetrics(ks=(10,))
     metric.update(target_ranks(torch.tensor([[1.0, 0.0]]), items, torch.arange(10), torch.tensor([7])))
-    assert float(metric.compute()["ndcg@10"]) == pytest.approx(1 / math.log2(3))
+    assert float(metric.compute()["ndcg_at_10"]) == pytest.approx(1 / math.log2(3))
 
 
 def test_errors_name_the_problem():

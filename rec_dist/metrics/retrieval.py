@@ -90,11 +90,48 @@ def target_ranks(
     return count + 1
 
 
+def top_items(
+    query: torch.Tensor,
+    items: torch.Tensor,
+    item_ids: torch.Tensor,
+    k: int,
+    exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk_size: int = 16_384,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best items per query, ``(ids (B, k), scores (B, k))``, best first, with the same
+    exclusions as ``target_ranks`` (``exclude`` and the padding id 0); fewer candidates than ``k``
+    leave id -1 and score -inf in the last columns. Tied items come in no defined order."""
+    if query.dim() == 2:
+        query = query.unsqueeze(1)  # (B, 1, d)
+    batch, num_items = query.shape[0], items.shape[0]
+    item_ids = item_ids.to(items.device)
+    query = query.to(items.dtype)
+    ex_rows, ex_pos = _excluded(exclude, item_ids, batch, items.device)
+    padding = torch.nonzero(item_ids == PADDING_ID).flatten()
+    best_scores = items.new_full((batch, k), float("-inf"))  # (B, k)
+    best_pos = torch.full((batch, k), -1, dtype=torch.int64, device=items.device)  # (B, k)
+    for start in range(0, num_items, chunk_size):
+        stop = min(start + chunk_size, num_items)
+        scores = torch.einsum("bkd,nd->bkn", query, items[start:stop]).amax(1)  # (B, C)
+        inside = (ex_pos >= start) & (ex_pos < stop)
+        scores[ex_rows[inside], ex_pos[inside] - start] = float("-inf")
+        pad = padding[(padding >= start) & (padding < stop)]
+        scores[:, pad - start] = float("-inf")
+        positions = torch.arange(start, stop, device=items.device).expand(batch, -1)  # (B, C)
+        merged = torch.cat([best_scores, scores], 1)  # (B, k + C)
+        merged_pos = torch.cat([best_pos, positions], 1)  # (B, k + C)
+        best_scores, idx = merged.topk(min(k, merged.shape[1]), dim=1, sorted=True)  # stable: earlier first
+        best_pos = merged_pos.gather(1, idx)
+    valid = torch.isfinite(best_scores) & (best_pos >= 0)
+    ids = torch.where(valid, item_ids[best_pos.clamp(min=0)], torch.full_like(best_pos, -1))  # (B, k)
+    return ids, best_scores
+
+
 def _positions(item_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Corpus position of each id, -1 where the id is not in the corpus."""
     if item_ids.numel() == 0:
         return torch.full_like(ids, -1)
-    pos = torch.searchsorted(item_ids, ids).clamp(max=item_ids.numel() - 1)
+    pos = torch.searchsorted(item_ids, ids.contiguous()).clamp(max=item_ids.numel() - 1)
     return torch.where(item_ids[pos] == ids, pos, torch.full_like(pos, -1))
 
 
@@ -118,7 +155,8 @@ class RetrievalMetrics(Metric):
     """Recall@K (= HitRate@K with one target), NDCG@K for each K, and MRR, from target ranks.
 
     ``update(ranks)`` takes the ``(B,)`` 1-based ranks of ``target_ranks``; ``compute()``
-    returns ``{"recall@K": ..., "ndcg@K": ..., "mrr": ...}`` (0 for an empty evaluation).
+    returns ``{"recall_at_K": ..., "ndcg_at_K": ..., "mrr": ...}`` (0 for an empty evaluation; names
+    MLflow accepts: it drops "@" from metric names).
     """
 
     full_state_update = False
@@ -151,7 +189,7 @@ class RetrievalMetrics(Metric):
         count = self.count.clamp(min=1.0)
         out = {}
         for i, k in enumerate(self.ks):
-            out[f"recall@{k}"] = (self.hits[i] / count).float()
-            out[f"ndcg@{k}"] = (self.ndcg[i] / count).float()
+            out[f"recall_at_{k}"] = (self.hits[i] / count).float()
+            out[f"ndcg_at_{k}"] = (self.ndcg[i] / count).float()
         out["mrr"] = (self.reciprocal_rank / count).float()
         return out

@@ -1,0 +1,225 @@
+"""Retrieval task: in-batch sampled softmax training, full-corpus Recall/NDCG@K evaluation.
+
+Training: each row is (query features, positive item); the model's
+``forward(batch)`` gives ``(encode_query(batch), encode_item(batch))`` from one
+lookup pass (through DistributedDataParallel when sharded), and the loss is
+the in-batch sampled softmax with accidental hits masked by item id
+(``rec_dist.losses.sampled_softmax``).
+
+Evaluation (val / test): at the start of the stage every item of the item
+table (``datamodule.item_table()``) is encoded once, in chunks of
+``corpus_batch_size``; each row's query is then scored against the whole
+corpus and the rank of the row's item is accumulated
+(``rec_dist.metrics.retrieval``: pessimistic ties, Recall@K, NDCG@K, MRR).
+With ``exclude_seen`` the items the user interacted with in the earlier
+splits are removed from the ranking (validation: train; test and predict:
+train + val). ``popularity_baseline`` scores the same rows with a
+most-popular ranking (items by their number of training rows, same
+exclusions, same evaluator), logged as ``<stage>/popularity/...`` beside the
+model's metrics. Predict: the ``top_k`` items per query, one output row per
+(query, rank).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from rec_dist.data.batch import Batch
+from rec_dist.data.interactions import SeenItems, item_counts
+from rec_dist.data.schema import Schema
+from rec_dist.embedding.fused import SparseOptimizers
+from rec_dist.losses.sampled_softmax import in_batch_softmax_loss
+from rec_dist.metrics.retrieval import RetrievalMetrics, target_ranks, top_items
+from rec_dist.models.protocols import check_protocol
+from rec_dist.tasks.base import STAGES, ModelFactory, OptimizerFactory, RecTask, SchedulerFactory
+
+# Splits whose interactions are "seen" before each stage's rows (leave-last-out: train < val < test).
+SEEN_SPLITS = {"val": ("train",), "test": ("train", "val"), "predict": ("train", "val")}
+
+
+class RetrievalTask(RecTask):
+    """Trains a retrieval model (``rec_dist.models.protocols``) with in-batch negatives; see the module docstring.
+
+    Args:
+        model: the model factory, built as ``model(schema)``.
+        schema: linked from the data module by the CLI.
+        temperature: softmax temperature tau (logits ``q·v / tau``; small for L2-normalised vectors).
+        ks: cut-offs of Recall@K / NDCG@K; the first is the checkpoint monitor ``val/recall_at_K``.
+        exclude_seen: drop the user's earlier items from the ranking.
+        popularity_baseline: also evaluate the most-popular ranking (``<stage>/popularity/...``).
+        top_k: items per query written by ``predict``.
+        corpus_batch_size: items per batch of the corpus pass.
+        score_chunk_size: items scored at once per query batch (memory: eval batch x this).
+    """
+
+    def __init__(
+        self,
+        model: ModelFactory,
+        schema: Schema | None = None,
+        temperature: float = 0.05,
+        ks: Sequence[int] = (10, 50),
+        exclude_seen: bool = True,
+        popularity_baseline: bool = True,
+        top_k: int = 100,
+        corpus_batch_size: int = 8192,
+        score_chunk_size: int = 16_384,
+        optimizer: OptimizerFactory = torch.optim.Adam,
+        lr_scheduler: SchedulerFactory | None = None,
+        sparse_optimizer: SparseOptimizers | None = None,
+        meta_embeddings: bool = False,
+    ) -> None:
+        super().__init__(schema, optimizer, lr_scheduler, sparse_optimizer, meta_embeddings)
+        schema = self.schema
+        if temperature <= 0:
+            raise ValueError(f"model.init_args.temperature must be positive, got {temperature}")
+        for knob, value in (("top_k", top_k), ("corpus_batch_size", corpus_batch_size),
+                            ("score_chunk_size", score_chunk_size)):
+            if value <= 0:
+                raise ValueError(f"model.init_args.{knob} must be positive, got {value}")
+        self.user_column = _id_column(schema, "user_column")
+        self.item_column = _id_column(schema, "item_column")
+        self.temperature = temperature
+        self.exclude_seen = exclude_seen
+        self.popularity_baseline = popularity_baseline
+        self.top_k, self.corpus_batch_size, self.score_chunk_size = top_k, corpus_batch_size, score_chunk_size
+        self.model = self.build_model(model)
+        check_protocol(self.model, "retrieval")
+        self.metrics = nn.ModuleDict({stage: RetrievalMetrics(ks) for stage in STAGES})
+        self.baseline = nn.ModuleDict({stage: RetrievalMetrics(ks) for stage in STAGES})
+        self.monitor = (f"val/recall_at_{self.metrics['val'].ks[0]}", "max")
+        self._corpus: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids (N,), vectors (N, d))
+        self._popularity: torch.Tensor | None = None  # (N, 1) training-row count per corpus item
+        self._seen: dict[str, SeenItems] = {}
+
+    def extra_columns(self) -> list[str]:
+        return [self.user_column, self.item_column]
+
+    def retrieval_model(self) -> nn.Module:
+        """The model itself (unwrapped from DistributedModelParallel under the torchrec strategy)."""
+        return getattr(self.model, "module", self.model)
+
+    # ---- training --------------------------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        query, item = self.model(batch)  # (B, d), (B, d)
+        loss = in_batch_softmax_loss(query, item, batch.ids(self.item_column), self.temperature)
+        self.log_train_loss(loss, batch.batch_size)
+        return loss
+
+    # ---- the corpus ------------------------------------------------------------------------------
+    def _datamodule(self):
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "item_table"):
+            raise ValueError(
+                f"{type(self).__name__}: evaluation needs a data module with an item table "
+                f"(rec_dist.data.datamodule.ParquetDataModule with data.init_args.items)"
+            )
+        return datamodule
+
+    @torch.no_grad()
+    def encode_corpus(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every item of the item table through the item tower: ``(ids (N,), vectors (N, d))``."""
+        table = self._datamodule().item_table()
+        model = self.retrieval_model()
+        vectors = []
+        for start in range(0, table.num_items, self.corpus_batch_size):
+            chunk = table.ids[start : start + self.corpus_batch_size]
+            vectors.append(model.encode_item(table.batch(chunk).to(self.device)))  # (C, d)
+        return torch.from_numpy(table.ids).to(self.device), torch.cat(vectors)  # (N,), (N, d)
+
+    def _start_stage(self, stage: str) -> None:
+        self.check_fused_inference()
+        self._corpus = self.encode_corpus()
+        if self.exclude_seen and stage not in self._seen:
+            self._seen[stage] = SeenItems.from_parquet(self._files(SEEN_SPLITS[stage]), self.user_column,
+                                                       self.item_column)
+        if self.popularity_baseline and self._popularity is None:
+            ids = self._corpus[0].cpu().numpy()
+            counts = item_counts(self._files(("train",)), self.item_column, ids)
+            self._popularity = torch.from_numpy(counts).to(self.device, torch.float32).unsqueeze(1)  # (N, 1)
+
+    def _files(self, splits: Sequence[str]) -> list[str]:
+        datamodule = self._datamodule()
+        return [f for split in splits if datamodule.splits.get(split) is not None
+                for f in datamodule.split_files(split)]
+
+    def _exclude(self, stage: str, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.exclude_seen:
+            return None
+        return self._seen[stage].of(batch.ids(self.user_column))
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def _eval_step(self, batch: Batch, stage: str) -> None:
+        assert self._corpus is not None, "the corpus is encoded at the start of each evaluation stage"
+        if batch.batch_size == 0 and self.retrieval_model() is self.model:
+            return  # a rank's padding batch; unsharded lookups cannot take 0 rows (sharded ones must run)
+        ids, vectors = self._corpus
+        query = self.retrieval_model().encode_query(batch)  # (B, d) or (B, K, d)
+        targets = batch.ids(self.item_column)  # (B,)
+        exclude = self._exclude(stage, batch)
+        self.metrics[stage].update(target_ranks(query, vectors, ids, targets, exclude, self.score_chunk_size))
+        if self.popularity_baseline and self._popularity is not None:
+            ones = self._popularity.new_ones(targets.shape[0], 1)  # (B, 1): every query scores an item by its count
+            ranks = target_ranks(ones, self._popularity, ids, targets, exclude, self.score_chunk_size)
+            self.baseline[stage].update(ranks)
+
+    def _end_stage(self, stage: str) -> None:
+        # torchmetrics already reduced these over ranks; sync_dist only averages equal values.
+        values = {f"{stage}/{k}": v for k, v in self.metrics[stage].compute().items()}
+        self.log_dict(values, prog_bar=stage == "val", sync_dist=self.synced)
+        if self.popularity_baseline:
+            baseline = {f"{stage}/popularity/{k}": v for k, v in self.baseline[stage].compute().items()}
+            self.log_dict(baseline, sync_dist=self.synced)
+        self.metrics[stage].reset()
+        self.baseline[stage].reset()
+        self._corpus = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_stage("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_stage("test")
+
+    def on_predict_epoch_start(self) -> None:
+        self._start_stage("predict")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_stage("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_stage("test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """The ``top_k`` items of each row's query, long format: one output row per (query, rank)."""
+        assert self._corpus is not None
+        ids, vectors = self._corpus
+        query = self.retrieval_model().encode_query(batch)  # (B, d)
+        best, scores = top_items(query, vectors, ids, self.top_k, self._exclude("predict", batch),
+                                 self.score_chunk_size)  # (B, k), (B, k)
+        k = best.shape[1]
+        users = batch.ids(self.user_column)  # (B,)
+        return {
+            self.user_column: users.repeat_interleave(k),  # (B*k,)
+            "rank": torch.arange(1, k + 1, device=best.device).repeat(users.shape[0]),  # (B*k,)
+            self.item_column: best.flatten(),  # (B*k,)
+            "score": scores.flatten(),  # (B*k,)
+        }
+
+
+def _id_column(schema: Schema, key: str) -> str:
+    """The sparse feature ``schema.extra[key]`` names (the user / item id column)."""
+    name = schema.extra.get(key)
+    if name not in schema.features or schema.features[name].kind != "sparse":
+        raise ValueError(
+            f"RetrievalTask: schema {schema.name!r} must name its {key.split('_')[0]} id column in "
+            f"`{key}` (a sparse feature); got {name!r}"
+        )
+    return str(name)
