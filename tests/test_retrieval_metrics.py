@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rec_dist.data.interactions import SeenItems
+from rec_dist.data.interactions import SeenItems, item_counts
 from rec_dist.errors import DataError
-from rec_dist.metrics.retrieval import RetrievalMetrics, target_ranks
+from rec_dist.metrics.retrieval import RetrievalMetrics, target_ranks, top_items
 
 
 def naive_rank(q, items, ids, target, excluded):
@@ -120,3 +120,31 @@ def test_seen_items_from_parquet(tmp_path):
     assert per_user == [[2, 9], [4, 8], [], [7], []]
     with pytest.raises(DataError, match="b.parquet.*'user'"):
         SeenItems.from_parquet([tmp_path / "b.parquet"], "user", "item_id")
+
+
+def test_top_items_match_a_sort_with_exclusions():
+    rng = np.random.default_rng(3)
+    ids = np.concatenate([[0], np.sort(rng.choice(np.arange(1, 500), 59, replace=False))])
+    items = rng.normal(size=(60, 4)).astype(np.float32)  # distinct scores: the order is defined
+    query = rng.normal(size=(5, 4)).astype(np.float32)
+    seen = [sorted(rng.choice(ids[1:], 10, replace=False).tolist()) for _ in range(5)]
+    offsets = torch.tensor(np.cumsum([0] + [len(s) for s in seen]))
+    values = torch.tensor(np.concatenate(seen))
+    for chunk in (7, 100):
+        got_ids, got_scores = top_items(torch.from_numpy(query), torch.from_numpy(items), torch.from_numpy(ids), 8,
+                                        (offsets, values), chunk_size=chunk)
+        for b in range(5):
+            scores = items @ query[b]
+            order = [int(ids[j]) for j in np.argsort(-scores) if ids[j] != 0 and ids[j] not in seen[b]]
+            assert got_ids[b].tolist() == order[:8]
+            assert got_scores[b].tolist() == pytest.approx(sorted(scores[[list(ids).index(i) for i in order[:8]]],
+                                                                  reverse=True), rel=1e-5)
+    few_ids, few_scores = top_items(torch.ones(1, 1), torch.ones(3, 1), torch.tensor([0, 4, 9]), 4)
+    assert few_ids.tolist() == [[4, 9, -1, -1]] or few_ids.tolist() == [[9, 4, -1, -1]]
+    assert torch.isinf(few_scores[0, 2:]).all()
+
+
+def test_item_counts(tmp_path):
+    pq.write_table(pa.table({"item_id": np.array([5, 3, 5, 5, 8, 42])}), tmp_path / "a.parquet")
+    counts = item_counts([tmp_path / "a.parquet", tmp_path / "a.parquet"], "item_id", np.array([3, 5, 7, 8]))
+    assert counts.tolist() == [2.0, 6.0, 0.0, 2.0]  # 42 is not in the corpus
