@@ -16,11 +16,16 @@ Config (``model:`` section of a ``rec-dist fit`` YAML)::
           groups: {new: [2], regular: [1]}
         optimizer: {class_path: torch.optim.Adam, init_args: {lr: 0.001}}
 
-A task spec has ``label`` (the schema label it learns; default the task name;
-models built on ``rec_dist.models.base.check_tasks`` want task names that are
-labels), ``loss`` (``bce`` on logits for a binary label, ``mse`` for any
-label; default ``bce`` for binary labels, ``mse`` for regression ones) and
-``weight`` (>= 0, default 1; how balancers use it: ``rec_dist.balancing``).
+A task spec (``TaskSpec``, a dataclass jsonargparse parses) has ``label`` (the
+schema label it learns; default the task name; models built on
+``rec_dist.models.base.check_tasks`` want task names that are labels), ``loss``
+(``bce`` on logits for a binary label, ``mse`` for any label; default ``bce``
+for binary labels, ``mse`` for regression ones) and ``weight`` (>= 0, default
+1; how balancers use it: ``rec_dist.balancing``). On the command line:
+``--model.init_args.tasks '{click: {}, like: {weight: 2.0}}'`` (an entry the
+config file also has keeps its other fields) or
+``--model.init_args.tasks.like.weight 2.0``. ``parse_tasks`` checks what needs
+the schema, naming the key (``model.init_args.tasks.like.label: ...``).
 
 ``group_metrics`` names one feature and the groups of rows (by value or range, or
 ``new_below: K``) to report separately; see ``rec_dist.tasks.group_metrics``.
@@ -47,7 +52,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -57,10 +62,17 @@ from rec_dist.balancing.static import Balancer, StaticWeights
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.fused import SparseOptimizers
+from rec_dist.errors import RecDistError
 from rec_dist.losses import POINTWISE_LOSSES, pointwise_loss
 from rec_dist.models.protocols import check_protocol
 from rec_dist.tasks.base import STAGES, OptimizerFactory, RankingModelFactory, RecTask, SchedulerFactory
-from rec_dist.tasks.group_metrics import GroupRule, RegressionMetrics, SubsetMetrics, UserGroups
+from rec_dist.tasks.group_metrics import (
+    GroupMetricsConfig,
+    GroupRule,
+    RegressionMetrics,
+    SubsetMetrics,
+    UserGroups,
+)
 from rec_dist.tasks.ranking import EvalMetrics, id_column_names, id_columns
 
 __all__ = [
@@ -78,47 +90,66 @@ LOSSES = POINTWISE_LOSSES
 
 
 # ---- task specs ---------------------------------------------------------------------------------------
+WHERE = "model.init_args.tasks"
+
+
 @dataclass(frozen=True)
 class TaskSpec:
-    """One task: the label it learns, its loss and its config weight."""
+    """One entry of ``tasks``: jsonargparse parses it from YAML (``like: {loss: bce, weight: 2}``).
 
-    name: str
-    label: str
-    loss: str
-    weight: float
+    ``label``: the schema label the task learns (None: the task name). ``loss``: ``bce`` on logits (binary
+    labels) or ``mse`` (None: bce for a binary label, mse otherwise). ``weight``: the config weight of the
+    task's loss (>= 0). What needs the schema or the task's name is checked by ``parse_tasks``, which
+    returns specs with ``label`` and ``loss`` filled in.
+    """
+
+    label: str | None = None
+    loss: Literal["bce", "mse"] | None = None
+    weight: float = 1.0
 
     @property
     def binary(self) -> bool:
         return self.loss == "bce"
 
-
-def parse_tasks(tasks: Mapping[str, Any] | None, schema: Schema) -> dict[str, TaskSpec]:
-    """``tasks`` of the config -> ``{name: TaskSpec}``, with errors naming the key at fault."""
-    where = "model.init_args.tasks"
-    labels = sorted(schema.labels)
-    if not isinstance(tasks, Mapping) or not tasks:
-        raise ValueError(f"{where}: give a mapping task name -> {{label, loss, weight}}; schema labels: {labels}")
-    specs = {}
-    for name, raw in tasks.items():
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any] | None, where: str) -> TaskSpec:
+        """The spec from a plain mapping (Python callers; YAML goes through jsonargparse)."""
         raw = {} if raw is None else raw
         if not isinstance(raw, Mapping):
-            raise ValueError(f"{where}.{name}: expected a mapping with keys label / loss / weight, got {raw!r}")
+            raise RecDistError(f"{where}: expected a mapping with keys label / loss / weight, got {raw!r}")
         unknown = sorted(set(raw) - {"label", "loss", "weight"})
         if unknown:
-            raise ValueError(f"{where}.{name}: unknown keys {unknown}; allowed: label, loss, weight")
-        label = raw.get("label", name)
+            raise RecDistError(f"{where}: unknown keys {unknown}; allowed: label, loss, weight")
+        return cls(**raw)
+
+
+def parse_tasks(tasks: Mapping[str, TaskSpec | Mapping[str, Any] | None] | None, schema: Schema) -> dict[str, TaskSpec]:
+    """``tasks`` of the config -> ``{name: TaskSpec}`` with label and loss resolved against ``schema``.
+
+    The one place for the checks a dataclass cannot express (the label is in the schema, bce needs a
+    binary label, the weight is finite and >= 0); errors name the key at fault
+    (``model.init_args.tasks.like.label: ...``). Entries may be ``TaskSpec``s or plain mappings.
+    """
+    labels = sorted(schema.labels)
+    if not isinstance(tasks, Mapping) or not tasks:
+        raise RecDistError(f"{WHERE}: give a mapping task name -> {{label, loss, weight}}; schema labels: {labels}")
+    specs = {}
+    for name, raw in tasks.items():
+        where = f"{WHERE}.{name}"
+        spec = raw if isinstance(raw, TaskSpec) else TaskSpec.from_mapping(raw, where)
+        label = str(name) if spec.label is None else spec.label
         if label not in schema.labels:
-            raise ValueError(f"{where}.{name}.label: {label!r} is not a label of the schema; choose one of {labels}")
+            raise RecDistError(f"{where}.label: {label!r} is not a label of the schema; choose one of {labels}")
         kind = schema.labels[label].kind
-        loss = raw.get("loss", "bce" if kind == "binary" else "mse")
+        loss = spec.loss if spec.loss is not None else "bce" if kind == "binary" else "mse"
         if loss not in LOSSES:
-            raise ValueError(f"{where}.{name}.loss must be one of {LOSSES}, got {loss!r}")
+            raise RecDistError(f"{where}.loss must be one of {LOSSES}, got {loss!r}")
         if loss == "bce" and kind != "binary":
-            raise ValueError(f"{where}.{name}: loss bce needs a binary label; {label!r} is {kind}")
-        weight = raw.get("weight", 1.0)
+            raise RecDistError(f"{where}: loss bce needs a binary label; {label!r} is {kind}")
+        weight = spec.weight
         if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"{where}.{name}.weight must be a finite number >= 0, got {weight!r}")
-        specs[str(name)] = TaskSpec(str(name), label, loss, float(weight))
+            raise RecDistError(f"{where}.weight must be a finite number >= 0, got {weight!r}")
+        specs[str(name)] = TaskSpec(label, loss, float(weight))
     return specs
 
 
@@ -129,9 +160,10 @@ class MultiTaskTask(RecTask):
     Args:
         model: the model class (``class_path`` + ``init_args``); built here as ``model(schema, task names)``.
         schema: the data schema (the CLI links it from ``data.schema``).
-        tasks: task name -> ``{label, loss, weight}``.
+        tasks: task name -> ``TaskSpec`` (``{label, loss, weight}``; plain mappings are accepted too).
         balancer: how the task losses are combined (``rec_dist.balancing``); default ``StaticWeights``.
-        group_metrics: per-user-group metrics: ``{feature, groups}`` or ``{feature, new_below}``.
+        group_metrics: per-user-group metrics (``GroupMetricsConfig``: ``{feature, groups}`` or
+            ``{feature, new_below}``; a plain mapping of these is accepted too).
         gauc_feature: a sparse feature (e.g. ``user_id``) to compute GAUC by, for bce tasks; None: no GAUC.
         optimizer: dense optimizer factory.
         lr_scheduler: learning-rate scheduler factory.
@@ -144,9 +176,9 @@ class MultiTaskTask(RecTask):
         self,
         model: RankingModelFactory,
         schema: Schema | None = None,
-        tasks: dict[str, dict[str, Any]] | None = None,
+        tasks: dict[str, TaskSpec] | None = None,
         balancer: Balancer | None = None,
-        group_metrics: dict[str, Any] | None = None,
+        group_metrics: GroupMetricsConfig | None = None,
         gauc_feature: str | None = None,
         optimizer: OptimizerFactory = torch.optim.Adam,
         lr_scheduler: SchedulerFactory | None = None,
