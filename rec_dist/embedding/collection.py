@@ -155,7 +155,7 @@ class FeatureEmbeddings(nn.Module):
             raw = batch.sequence.to_dict()
             jagged: dict[str, JaggedTensor] = {}
             for key, collection in self.unpooled.items():
-                jagged.update(collection(_only(batch.sequence, self._unpooled_inputs[key])))
+                jagged.update(collection(_check_keys(batch.sequence, self._unpooled_inputs[key])))
             for name, kind, pooling in self._unpooled:
                 jt = jagged[name]
                 ids[name] = raw[name].values()
@@ -236,20 +236,17 @@ def _offsets_leaders(schema: Schema, sequences: list[str]) -> dict[str, str]:
     return leaders
 
 
-def _only(kjt: KeyedJaggedTensor, names: list[str]) -> KeyedJaggedTensor:
-    """``kjt`` restricted to ``names`` (as is when it holds nothing else). Sharded EmbeddingCollections
-    (torchrec 1.8) skip their own key permute when their features are a prefix of the input's keys,
-    so they must not see extra keys."""
+def _check_keys(kjt: KeyedJaggedTensor, names: list[str]) -> KeyedJaggedTensor:
+    """``kjt``, after checking it holds ``names`` (extra keys are fine: TorchRec's collections, sharded
+    or not, pick their own features; tests/test_embedding.py checks the sharded case)."""
     keys = kjt.keys()
-    if set(keys) == set(names):
-        return kjt
     missing = [n for n in names if n not in keys]
     if missing:
         raise ValueError(
             f"FeatureEmbeddings: feature {missing[0]!r} is not in the batch's sequence KeyedJaggedTensor "
             f"(it holds {keys}); read the columns of every feature the embeddings were built for"
         )
-    return kjt.permute([keys.index(n) for n in names])
+    return kjt
 
 
 def _normal_init(std: float):
