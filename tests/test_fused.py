@@ -110,3 +110,32 @@ def test_per_table_optimizer_groups_are_checked(schema):
     # Single process: one fused collection holds user and genre, so they need one optimizer.
     with pytest.raises(ValueError, match="share one collection but ask for different sparse optimizers"):
         fuse_pooled_tables(FeatureEmbeddings(schema), [SparseOptimizer("sgd", tables=["user"]), SparseOptimizer()])
+
+
+def test_sparse_optimizer_config_is_parsed_by_jsonargparse_one_or_a_list(schema):
+    """The typed config: one entry or a list, from YAML or a dotted key; a bad name fails when parsed."""
+    import typing
+    from argparse import ArgumentError
+
+    from jsonargparse import ArgumentParser
+
+    from rec_dist.embedding.fused import SPARSE_OPTIMIZERS, SparseOptimizers
+
+    assert set(typing.get_args(typing.get_type_hints(SparseOptimizer)["name"])) == set(SPARSE_OPTIMIZERS)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--sparse_optimizer", type=SparseOptimizers | None)
+
+    def parsed(*args):
+        return parser.instantiate(parser.parse_args(list(args))).sparse_optimizer
+
+    assert parsed("--sparse_optimizer", "{name: sgd, lr: 0.1}") == SparseOptimizer("sgd", lr=0.1)
+    assert parsed("--sparse_optimizer.name", "sgd", "--sparse_optimizer.lr", "0.3") == SparseOptimizer("sgd", 0.3)
+    assert parsed("--sparse_optimizer", "[{name: sgd, tables: [user]}, {lr: 0.2}]") == [
+        SparseOptimizer("sgd", tables=["user"]), SparseOptimizer("adagrad", lr=0.2)]
+    with pytest.raises(ArgumentError, match=r"(?s)Parser key \"sparse_optimizer\".*key \"name\".*Got value: lamb"):
+        parser.parse_args(["--sparse_optimizer", "{name: lamb}"])
+    with pytest.raises(ArgumentError, match=r"(?s)Parser key \"sparse_optimizer\".*Option 'nme' is not accepted"):
+        parser.parse_args(["--sparse_optimizer", "{nme: sgd}"])
+    # what needs the model's tables is checked when the tables are fused, naming the key
+    with pytest.raises(ValueError, match=r"model.init_args.sparse_optimizer.tables: unknown table 'users'"):
+        fuse_pooled_tables(FeatureEmbeddings(schema), parsed("--sparse_optimizer", "{tables: [users]}"))

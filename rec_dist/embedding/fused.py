@@ -20,6 +20,7 @@ is not a multiple of 4 (FBGEMM's limit); sharded training
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -34,6 +35,8 @@ SPARSE_OPTIMIZERS = {
     "adam": torch.optim.Adam,
 }
 CUDA_ONLY = {"row_wise_adagrad", "adam"}  # FBGEMM 1.8 has CPU kernels for exact Adagrad and SGD only
+SparseOptimizerName = Literal["row_wise_adagrad", "adagrad", "sgd", "adam"]  # jsonargparse rejects other names
+WHERE = "model.init_args.sparse_optimizer"
 
 
 @dataclass
@@ -42,6 +45,9 @@ class SparseOptimizer:
 
     A task takes one (for every table) or a list of them, each naming its
     ``tables`` (one entry may leave ``tables`` out: it covers the rest).
+    jsonargparse parses it from YAML (``sparse_optimizer: {name: adagrad, lr: 0.05}``
+    or a list of such mappings) and checks the types and the name;
+    ``optimizer_per_table`` checks what needs the model's tables.
 
     Args:
         name: adagrad or sgd (FBGEMM's CPU kernels), or, CUDA only in FBGEMM
@@ -52,7 +58,7 @@ class SparseOptimizer:
         tables: the embedding tables this optimizer trains (None: all the others).
     """
 
-    name: str = "adagrad"
+    name: SparseOptimizerName = "adagrad"
     lr: float = 0.05
     eps: float = 1e-8
     tables: list[str] | None = None
@@ -70,18 +76,18 @@ def optimizer_per_table(groups: SparseOptimizers | None, tables: list[str]) -> d
     for group in groups:
         if group.name not in SPARSE_OPTIMIZERS:
             raise ValueError(
-                f"sparse_optimizer.name must be one of {sorted(SPARSE_OPTIMIZERS)}, got {group.name!r}"
+                f"{WHERE}.name must be one of {sorted(SPARSE_OPTIMIZERS)}, got {group.name!r}"
             )
     defaults = [g for g in groups if g.tables is None]
     if len(defaults) > 1:
-        raise ValueError("sparse_optimizer: at most one entry may leave out `tables` (the default for the rest)")
+        raise ValueError(f"{WHERE}: at most one entry may leave out `tables` (the default for the rest)")
     chosen: dict[str, SparseOptimizer] = {}
     for group in groups:
         for table in group.tables or []:
             if table not in tables:
-                raise ValueError(f"sparse_optimizer names unknown table {table!r}; tables: {sorted(tables)}")
+                raise ValueError(f"{WHERE}.tables: unknown table {table!r}; tables: {sorted(tables)}")
             if table in chosen:
-                raise ValueError(f"sparse_optimizer: table {table!r} is named by two entries")
+                raise ValueError(f"{WHERE}.tables: table {table!r} is named by two entries")
             chosen[table] = group
     for table in tables:
         if table not in chosen and defaults:
@@ -121,7 +127,7 @@ def fuse_pooled_tables(model: nn.Module, optimizer: SparseOptimizers) -> int:
         device = next(iter(weights.values())).device if weights else torch.device("cpu")
         if optimizer.name in CUDA_ONLY and device.type != "cuda":
             raise ValueError(
-                f"sparse_optimizer.name {optimizer.name!r} has no CPU kernel in FBGEMM 1.8; "
+                f"{WHERE}.name {optimizer.name!r} has no CPU kernel in FBGEMM 1.8; "
                 f"on CPU use one of {sorted(set(SPARSE_OPTIMIZERS) - CUDA_ONLY)}"
             )
         fused = FusedEmbeddingBagCollection(
