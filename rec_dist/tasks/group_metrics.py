@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric, SumMetric
-from torchmetrics.classification import BinaryAUROC
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, SumMetric
 
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
+from rec_dist.tasks.ranking import LogitAUROC, LogLoss
 
 # ---- the config -------------------------------------------------------------------------------------------
 WHERE = "model.init_args.group_metrics"
@@ -163,24 +162,17 @@ class UserGroups:
 
 
 # ---- metrics --------------------------------------------------------------------------------------------
-class RegressionMetrics(nn.Module):
-    """MSE and MAE of one regression task."""
+class RegressionMetrics(MetricCollection):
+    """MSE and MAE of one regression task (torchmetrics' ``MeanSquaredError`` / ``MeanAbsoluteError``).
+
+    ``update(pred, target, groups=None)`` takes the arguments of ``EvalMetrics``; GAUC groups are ignored.
+    """
 
     def __init__(self) -> None:
-        super().__init__()
-        self.mse = MeanMetric()
-        self.mae = MeanMetric()
+        super().__init__({"mse": MeanSquaredError(), "mae": MeanAbsoluteError()}, compute_groups=False)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None) -> None:
-        self.mse.update((pred - target) ** 2)
-        self.mae.update((pred - target).abs())
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        return {"mse": self.mse.compute(), "mae": self.mae.compute()}
-
-    def reset(self) -> None:
-        self.mse.reset()
-        self.mae.reset()
+        super().update(pred, target)
 
 
 class SubsetMetrics(nn.Module):
@@ -194,40 +186,25 @@ class SubsetMetrics(nn.Module):
         self.binary = binary
         self.rows = SumMetric()
         self.positives = SumMetric()
-        if binary:
-            self.auc = BinaryAUROC()
-            self.logloss = MeanMetric()
-        else:
-            self.errors = RegressionMetrics()
+        self.scores = (
+            MetricCollection({"auc": LogitAUROC(), "logloss": LogLoss()}, compute_groups=False)
+            if binary
+            else RegressionMetrics()
+        )
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
         self.rows.update(mask.sum().float())
         self.positives.update((labels[mask] > 0.5).sum().float())
-        if not bool(mask.any()):
-            return
-        logits, labels = logits[mask], labels[mask]
-        if self.binary:
-            self.auc.update(torch.sigmoid(logits), labels.long())
-            self.logloss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
-        else:
-            self.errors.update(logits, labels)
+        if bool(mask.any()):
+            self.scores.update(logits[mask], labels[mask])
 
     def compute(self) -> dict[str, torch.Tensor]:
         rows, positives = float(self.rows.compute()), float(self.positives.compute())
         if rows == 0:
             return {}
-        if not self.binary:
-            return self.errors.compute()
-        out = {"logloss": self.logloss.compute()}
-        if 0 < positives < rows:
-            out["auc"] = self.auc.compute()
-        return out
+        defined = not self.binary or 0 < positives < rows
+        return {name: metric.compute() for name, metric in self.scores.items() if name != "auc" or defined}
 
     def reset(self) -> None:
-        for metric in (self.rows, self.positives):
+        for metric in (self.rows, self.positives, self.scores):
             metric.reset()
-        if self.binary:
-            self.auc.reset()
-            self.logloss.reset()
-        else:
-            self.errors.reset()

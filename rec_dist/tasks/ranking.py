@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAUROC
 
 from rec_dist.data.batch import Batch
@@ -16,7 +16,8 @@ from rec_dist.metrics.gauc import GroupAUC
 from rec_dist.models.protocols import check_protocol
 from rec_dist.tasks.base import STAGES, OptimizerFactory, RankingModelFactory, RecTask, SchedulerFactory
 
-__all__ = ["STAGES", "EvalMetrics", "RankingTask", "id_columns", "id_column_names"]
+__all__ = ["STAGES", "EvalMetrics", "LogLoss", "LogitAUROC", "LogitGroupAUC", "RankingTask", "id_columns",
+           "id_column_names"]
 
 
 def id_column_names(schema: Schema) -> list[str]:
@@ -31,34 +32,48 @@ def id_columns(schema: Schema, batch: Batch) -> dict[str, torch.Tensor]:
     return {name: batch.ids(name) for name in id_column_names(schema) if name in present}
 
 
-class EvalMetrics(nn.Module):
-    """AUC, GAUC (by a user feature) and logloss of one evaluation stage."""
+class LogitAUROC(BinaryAUROC):
+    """torchmetrics' exact AUROC, updated with logits and 0/1 float labels (scored as ``sigmoid(logits)``)."""
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        super().update(torch.sigmoid(logits), labels.long())
+
+
+class LogLoss(MeanMetric):
+    """Mean per-row binary cross-entropy of logits (torchmetrics has no logloss metric)."""
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        super().update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+
+
+class LogitGroupAUC(GroupAUC):
+    """``GroupAUC`` updated with logits; keeps ``sigmoid(logits)`` (its ``arrays()`` feed the ROC / calibration
+    plots)."""
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> None:
+        super().update(torch.sigmoid(logits), labels, groups)
+
+
+class EvalMetrics(MetricCollection):
+    """AUC, GAUC (by a user feature) and logloss of one evaluation stage, as one ``MetricCollection``.
+
+    ``update(logits (B,), labels (B,), groups (B,) | None)``; ``compute()`` gives ``{auc, logloss}`` and
+    ``gauc`` when groups were given. GAUC keeps every score even without groups: they serve the plots.
+    """
 
     def __init__(self) -> None:
-        super().__init__()
-        self.auc = BinaryAUROC()
-        self.gauc = GroupAUC()
-        self.logloss = MeanMetric()
+        super().__init__({"auc": LogitAUROC(), "logloss": LogLoss(), "gauc": LogitGroupAUC()}, compute_groups=False)
         self.grouped = False
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None) -> None:
-        probs = torch.sigmoid(logits)
-        self.auc.update(probs, labels.long())
-        self.logloss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
-        # GAUC keeps every score; with no user feature they still serve the plots.
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         self.grouped = groups is not None
-        self.gauc.update(probs, labels, groups if groups is not None else torch.zeros_like(labels))
+        super().update(logits, labels, groups=groups if groups is not None else torch.zeros_like(labels))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        out = {"auc": self.auc.compute(), "logloss": self.logloss.compute()}
-        if self.grouped:
-            out["gauc"] = self.gauc.compute()
+        out = super().compute()
+        if not self.grouped:
+            del out["gauc"]
         return out
-
-    def reset(self) -> None:
-        self.auc.reset()
-        self.gauc.reset()
-        self.logloss.reset()
 
 
 class RankingTask(RecTask):
