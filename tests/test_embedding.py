@@ -10,7 +10,7 @@ import torch
 from rec_dist.data.columns import ColumnChunk
 from rec_dist.data.schema import Schema, lookup_groups
 from rec_dist.embedding.collection import FeatureEmbeddings
-from rec_dist.embedding.jagged import JaggedSequence, concat_events
+from rec_dist.embedding.jagged import JaggedSequence, concat_events, segment_ids, segment_softmax, segment_sum
 from rec_dist.errors import SchemaError
 from tests.conftest import SMALL_SCHEMA, small_table
 
@@ -131,6 +131,36 @@ def test_jagged_padded_gradient_reaches_only_real_events():
     (seq.padded() * torch.arange(1.0, 4.0).view(1, 3, 1)).sum().backward()  # weight t+1 at position t
     expected = torch.tensor([1.0, 2.0, 1.0, 2.0, 3.0]).unsqueeze(1).expand(5, 3)
     torch.testing.assert_close(seq.values.grad, expected)
+
+
+@pytest.mark.parametrize("lengths", [[3, 0, 5, 1], [0, 0], [4]])
+def test_segment_sum_and_softmax_equal_per_row_loops_in_value_and_gradient(lengths):
+    seq = _jagged(lengths, dim=2)
+    values = seq.values.requires_grad_(True)  # (N, 2)
+    scores = (values[:, 0] * 3).detach().requires_grad_(True)  # (N,)
+    rows = segment_ids(seq.offsets, values.shape[0])
+    summed, soft = segment_sum(values, seq.offsets, rows), segment_softmax(scores, seq.offsets, rows)
+    cot_sum, cot_soft = torch.randn_like(summed), torch.randn_like(soft)
+    (summed * cot_sum).sum().backward()
+    (soft * cot_soft).sum().backward()
+    grad_values, grad_scores = values.grad.clone(), scores.grad.clone()
+    values.grad = scores.grad = None
+    ref_sum, ref_soft, start = [], [], 0  # naive: one row at a time, exp / sum of exp
+    for n in lengths:
+        row = values[start : start + n]
+        ref_sum.append(row.sum(0))  # zeros for an empty row
+        e = [torch.exp(s) for s in scores[start : start + n]]
+        ref_soft += [x / sum(e) for x in e]
+        start += n
+    ref_sum = torch.stack(ref_sum)  # (B, 2)
+    ref_soft = torch.stack(ref_soft) if ref_soft else torch.zeros(0)  # (N,)
+    torch.testing.assert_close(summed, ref_sum)
+    torch.testing.assert_close(soft, ref_soft)
+    (ref_sum * cot_sum).sum().backward()
+    if ref_soft.requires_grad:
+        (ref_soft * cot_soft).sum().backward()
+    torch.testing.assert_close(grad_values, values.grad)
+    torch.testing.assert_close(grad_scores, scores.grad if scores.grad is not None else torch.zeros_like(scores))
 
 
 def test_concat_events_checks_alignment():

@@ -193,6 +193,28 @@ def test_dice_matches_batchnorm_running_stats_and_handles_tiny_batches():
     assert dice(torch.randn(2, 5, 4)).shape == (2, 5, 4)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_dice_gradients_equal_autograd_through_the_naive_formula(train):
+    # Dice's backward recomputes its gate; the reference differentiates the formula (batch statistics by
+    # explicit sums, so the gradient also flows through the mean and the variance in training).
+    dice = Dice(3)
+    nn.init.uniform_(dice.alpha, -1, 1)
+    dice.running_mean.uniform_(-1, 1)
+    dice.running_var.uniform_(0.5, 2)
+    dice.train(train)
+    x = (torch.randn(9, 3) * 2 + 1).requires_grad_(True)
+    cotangent = torch.randn(9, 3)
+    grad_x, grad_alpha = torch.autograd.grad((dice(x) * cotangent).sum(), [x, dice.alpha])
+    reference = torch.stack(ref_dice_rows(dice, list(x), train=train))
+    ref_x, ref_alpha = torch.autograd.grad((reference * cotangent).sum(), [x, dice.alpha])
+    assert_close(grad_x, ref_x)
+    assert_close(grad_alpha, ref_alpha)
+    one = torch.randn(1, 3, requires_grad=True)  # one row in training: gate 1/2, no statistics
+    (grad_one,) = torch.autograd.grad(dice(one).sum(), [one])
+    if train:
+        assert_close(grad_one, (0.5 + 0.5 * dice.alpha.detach()).unsqueeze(0))
+
+
 def test_make_activation_names():
     assert isinstance(make_activation("prelu", 5), nn.PReLU)
     assert make_activation("prelu", 5).weight.shape == (5,)
@@ -257,6 +279,49 @@ def test_target_attention_matches_per_position_reference(softmax, activation):
     assert_close(out[1], torch.zeros(3))  # empty sequence -> zero interest
 
 
+def _padded_from_events(events: torch.Tensor, lengths: list[int], length: int) -> torch.Tensor:
+    """(B, L, D) zero-padded keys built from the jagged events by differentiable slicing (for gradients)."""
+    rows, start = [], 0
+    for n in lengths:
+        rows.append(torch.cat([events[start : start + n], events.new_zeros(length - n, events.shape[1])]))
+        start += n
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("softmax", [False, True])
+@pytest.mark.parametrize("activation", ["dice", "prelu"])
+def test_target_attention_gradients_equal_per_position_reference(softmax, activation, recompute):
+    # the first layer's own backward, the segment sums and (recompute) the checkpointed unit against
+    # autograd through the naive per-position loop: gradients of the query, the events and every parameter
+    torch.manual_seed(0)
+    att = TargetAttention(3, hidden=[6, 4], activation=activation, softmax=softmax, recompute=recompute)
+    for name, p in att.named_parameters():
+        nn.init.normal_(p, std=0.5 if "alpha" not in name else 1.0)
+    query, _, lengths, events, offsets = _attention_inputs()
+    query.requires_grad_(True)
+    events.requires_grad_(True)
+    inputs = [query, events, *att.parameters()]
+    cotangent = torch.randn(4, 3)
+    out = att(query, events, offsets)
+    grads = torch.autograd.grad((out * cotangent).sum(), inputs)
+    stats = [b.clone() for b in att.buffers()]
+    reference = ref_attention(att, query, _padded_from_events(events, lengths, 5), lengths, train=True)
+    assert_close(out, reference)
+    ref_grads = torch.autograd.grad((reference * cotangent).sum(), inputs)
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        assert_close(grad, ref)
+    # Dice's running statistics moved once (momentum 0.1 from the initial 0 / 1), recompute or not
+    if activation == "dice":
+        fresh = TargetAttention(3, hidden=[6, 4], activation=activation, softmax=softmax)
+        fresh.load_state_dict({**att.state_dict(), "mlp.layers.1.running_mean": torch.zeros(6),
+                               "mlp.layers.1.running_var": torch.ones(6), "mlp.layers.3.running_mean": torch.zeros(4),
+                               "mlp.layers.3.running_var": torch.ones(4)})
+        fresh(query, events, offsets)
+        for ours, theirs in zip(stats, fresh.buffers(), strict=True):
+            assert_close(ours, theirs)
+
+
 def test_target_attention_weights_per_event_not_normalised_by_default():
     att = TargetAttention(3, hidden=[4], activation="relu")
     for p in att.parameters():
@@ -289,9 +354,16 @@ def test_target_attention_gradients_are_finite_with_empty_rows():
 def test_target_attention_and_dice_under_bf16_autocast():
     att = TargetAttention(3, hidden=[4], activation="dice", softmax=True)
     query, _, _, events, offsets = _attention_inputs()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = att(query, events, offsets)
-    assert out.shape == (4, 3) and torch.isfinite(out).all()
+    for recompute in (False, True):
+        att.recompute = recompute
+        events.requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = att(query, events, offsets)
+        assert out.shape == (4, 3) and torch.isfinite(out).all()
+        out.float().sum().backward()  # the first layer's and Dice's own backward under bf16
+        assert events.grad.dtype == torch.float32 and torch.isfinite(events.grad).all()
+        assert all(torch.isfinite(p.grad).all() for p in att.parameters() if p.grad is not None)
+        events.grad = None
 
 
 def test_target_attention_shape_errors():

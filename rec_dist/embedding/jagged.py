@@ -27,18 +27,35 @@ def segment_ids(offsets: torch.Tensor, total: int) -> torch.Tensor:
     return torch.repeat_interleave(rows, offsets.diff(), output_size=total)  # (N,)
 
 
-def segment_sum(values: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``(B, ...)`` per-row sum of ``values`` ``(N, ...)``; an empty row sums to zero."""
-    out = values.new_zeros((batch_size, *values.shape[1:]))  # (B, ...)
-    return out.index_add(0, rows, values)  # (B, ...)
+class _SegmentSum(torch.autograd.Function):
+    """Per-row sum by ``torch.segment_reduce`` (on CPU ~3x faster than ``index_add``); its backward is the
+    gather ``grad[rows]`` (faster than ``segment_reduce``'s own backward)."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        return torch.segment_reduce(values, "sum", offsets=offsets, axis=0)  # (B, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (rows,) = ctx.saved_tensors
+        return grad.index_select(0, rows), None, None  # (N, ...)
 
 
-def segment_softmax(scores: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+def segment_sum(values: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``(B, ...)`` per-row sum of ``values`` ``(N, ...)``; an empty row sums to zero.
+
+    ``offsets`` ``(B+1,)`` and ``rows`` ``(N,)`` (from ``segment_ids``) describe the same rows: the
+    forward reduces by offsets, the backward gathers by rows; neither syncs with the host.
+    """
+    return _SegmentSum.apply(values, offsets.long(), rows)  # (B, ...)
+
+
+def segment_softmax(scores: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``(N,)`` softmax of ``scores`` ``(N,)`` within each row (the row max is subtracted first)."""
-    top = scores.new_full((batch_size,), float("-inf"))  # (B,)
-    top = top.scatter_reduce(0, rows, scores.detach(), "amax", include_self=True)  # (B,)
+    top = torch.segment_reduce(scores.detach(), "max", offsets=offsets.long(), axis=0)  # (B,); -inf if empty
     exps = torch.exp(scores - top.index_select(0, rows))  # (N,)
-    return exps / segment_sum(exps, rows, batch_size).index_select(0, rows)  # (N,)
+    return exps / segment_sum(exps, offsets, rows).index_select(0, rows)  # (N,)
 
 
 @dataclass(eq=False)
@@ -110,7 +127,7 @@ class JaggedSequence:
 
     def sum_pooled(self) -> torch.Tensor:
         """``(B, D)`` sum over each row's events (zero for an empty row)."""
-        return segment_sum(self.values, self.rows, self.batch_size)  # (B, D)
+        return segment_sum(self.values, self.offsets, self.rows)  # (B, D)
 
     def mean_pooled(self) -> torch.Tensor:
         """``(B, D)`` mean over each row's events (zero for an empty row)."""

@@ -22,18 +22,74 @@ The first linear layer of the unit, ``W [q, k, q - k, q ⊙ k] + c`` with
 ``((W_q + W_d) q_b + c) + (W_k - W_d) k_t + W_p (q_b ⊙ k_t)``: the query part
 once per row instead of once per event, and no ``(N, 4D)`` concatenation
 kept for the backward (the same function; the parameters stay those of one
-``Linear(4D, h)``).
+``Linear(4D, h)``). That layer is one autograd function whose backward
+recomputes ``q_b ⊙ k_t`` instead of keeping it and the gathered queries (two
+``(N, D)`` tensors). Per-row sums are segment sums (``segment_reduce``).
+
+``recompute=True`` runs the rest of the unit (Dice, the hidden layers) under
+``torch.utils.checkpoint``: only the first layer's ``(N, h)`` output is kept,
+and the backward runs those layers again (Dice's running statistics are
+updated once). Measured in ``benchmarks/sequence_memory.py``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from rec_dist.embedding.jagged import segment_ids, segment_softmax, segment_sum
-from rec_dist.layers.mlp import MLP
+from rec_dist.layers.mlp import MLP, running_stats_frozen
+
+
+def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a matmul runs in here: autocast's when it is on, else the inputs'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
+class _FirstLayer(torch.autograd.Function):
+    """``h_t = ((W_q + W_d) q_b + c) + (W_k - W_d) k_t + W_p (q_b ⊙ k_t)`` for every event t of row b,
+    ``(N, H)``, keeping only the inputs for the backward (which gathers ``q_b`` and recomputes
+    ``q_b ⊙ k_t``); the weight's gradient is assembled for ``W = [W_q W_k W_d W_p]``."""
+
+    @staticmethod
+    def forward(ctx, query, keys, weight, bias, offsets, rows):  # (B, D), (N, D), (H, 4D), (H,), (B+1,), (N,)
+        dtype = _compute_dtype(keys.device, keys.dtype)
+        ctx.save_for_backward(query, keys, weight, offsets, rows)
+        ctx.dtype = dtype
+        with torch.autocast(keys.device.type, enabled=False):
+            query, keys, weight, bias = (t.to(dtype) for t in (query, keys, weight, bias))
+            w_q, w_k, w_d, w_p = weight.split(query.shape[1], dim=1)  # each (H, D)
+            per_row = torch.addmm(bias, query, (w_q + w_d).t())  # (B, H)
+            out = per_row.index_select(0, rows)  # (N, H)
+            out.addmm_(keys, (w_k - w_d).t())  # (N, H)
+            return out.addmm_(query.index_select(0, rows).mul_(keys), w_p.t())  # (N, H)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (N, H)
+        query, keys, weight, offsets, rows = ctx.saved_tensors
+        dtypes = query.dtype, keys.dtype, weight.dtype
+        with torch.autocast(keys.device.type, enabled=False):
+            grad, query, keys, weight = (t.to(ctx.dtype) for t in (grad, query, keys, weight))
+            w_q, w_k, w_d, w_p = weight.split(query.shape[1], dim=1)  # each (H, D)
+            per_row = torch.segment_reduce(grad, "sum", offsets=offsets.long(), axis=0)  # (B, H)
+            q = query.index_select(0, rows)  # (N, D)
+            grad_qk = grad @ w_p  # (N, D) dL/d(q ⊙ k)
+            grad_keys = torch.addcmul(grad @ (w_k - w_d), grad_qk, q)  # (N, D)
+            grad_w_p = grad.t() @ q.mul_(keys)  # (H, D) q is q ⊙ k from here on
+            del q
+            grad_query = per_row @ (w_q + w_d)  # (B, D)
+            grad_query += torch.segment_reduce(grad_qk.mul_(keys), "sum", offsets=offsets.long(), axis=0)  # (B, D)
+            grad_c, grad_a = per_row.t() @ query, grad.t() @ keys  # (H, D) for W_q + W_d and W_k - W_d
+            grad_weight = torch.cat([grad_c, grad_a, grad_c - grad_a, grad_w_p], dim=1)  # (H, 4D)
+            grad_bias = per_row.sum(0)  # (H,)
+        return (grad_query.to(dtypes[0]), grad_keys.to(dtypes[1]), grad_weight.to(dtypes[2]),
+                grad_bias.to(dtypes[2]), None, None)
 
 
 class TargetAttention(nn.Module):
@@ -45,6 +101,8 @@ class TargetAttention(nn.Module):
         activation: activation of the MLP (``'dice'``, ``'prelu'``, ``'relu'``, ...).
         softmax: normalise the weights within each row.
         dropout: dropout in the unit's MLP.
+        recompute: keep only the first layer's output for the backward and run the unit's other
+            layers again there (less memory, more time; see the module docstring).
     """
 
     def __init__(
@@ -54,12 +112,14 @@ class TargetAttention(nn.Module):
         activation: str = "dice",
         softmax: bool = False,
         dropout: float = 0.0,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         if dim <= 0:
             raise ValueError(f"TargetAttention: dim must be positive, got {dim}")
         self.dim = dim
         self.softmax = softmax
+        self.recompute = recompute
         self.mlp = MLP(4 * dim, hidden, activation=activation, dropout=dropout, output_dim=1)
 
     def _check(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor) -> None:
@@ -77,23 +137,34 @@ class TargetAttention(nn.Module):
         """``(N,)`` attention weight of each event."""
         self._check(query, keys, offsets)
         rows = segment_ids(offsets, keys.shape[0])  # (N,)
-        return self._weights(query, keys, rows)
+        return self._weights(query, keys, offsets, rows)
 
-    def _weights(self, query: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        first, rest = self.mlp.layers[0], self.mlp.layers[1:]
-        w_q, w_k, w_d, w_p = first.weight.split(self.dim, dim=1)  # each (H, D)
-        per_row = nn.functional.linear(query, w_q + w_d, first.bias)  # (B, H)
-        q = query.index_select(0, rows)  # (N, D)
-        hidden = per_row.index_select(0, rows) + nn.functional.linear(keys, w_k - w_d)  # (N, H)
-        hidden = hidden + nn.functional.linear(q * keys, w_p)  # (N, H)
-        scores = rest(hidden).squeeze(1)  # (N,)
+    def _rest(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The unit after its first linear layer: ``(N, H)`` -> ``(N, 1)`` scores."""
+        rest = self.mlp.layers[1:]
+        if not (self.recompute and torch.is_grad_enabled()):
+            return rest(hidden)
+        calls: list[bool] = []
+
+        def run(h: torch.Tensor) -> torch.Tensor:
+            with running_stats_frozen(rest) if calls else nullcontext():  # the backward's second run
+                calls.append(True)
+                return rest(h)
+
+        return checkpoint(run, hidden, use_reentrant=False)  # (N, 1)
+
+    def _weights(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor,
+                 rows: torch.Tensor) -> torch.Tensor:
+        first = self.mlp.layers[0]
+        hidden = _FirstLayer.apply(query, keys, first.weight, first.bias, offsets, rows)  # (N, H)
+        scores = self._rest(hidden).squeeze(1)  # (N,)
         if self.softmax:
-            scores = segment_softmax(scores.float(), rows, query.shape[0])  # (N,)
+            scores = segment_softmax(scores.float(), offsets, rows)  # (N,)
         return scores
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         self._check(query, keys, offsets)
         rows = segment_ids(offsets, keys.shape[0])  # (N,)
-        w = self._weights(query, keys, rows)  # (N,)
+        w = self._weights(query, keys, offsets, rows)  # (N,)
         weighted = w.unsqueeze(1) * keys  # (N, D)
-        return segment_sum(weighted, rows, query.shape[0]).to(keys.dtype)  # (B, D)
+        return segment_sum(weighted, offsets, rows).to(keys.dtype)  # (B, D)
