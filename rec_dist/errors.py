@@ -11,3 +11,7 @@ class SchemaError(RecDistError):
 
 class DataError(RecDistError):
     """A data file does not match its schema (missing column, bad dtype, bad id or label)."""
+
+
+class ConfigError(RecDistError):
+    """A config (model, task or data knob) names something that does not exist or does not fit together."""

@@ -155,6 +155,21 @@ def run(argv: list[str]) -> None:
     cli_class = build_cli_class()
     try:
         cli_class(args=argv)
-    except RecDistError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001  (re-raised unless it is, or was caused by, bad user input)
+        cause = _input_error(err, RecDistError)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _input_error(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """``err`` or the first error of its cause chain that is a ``kind``: jsonargparse wraps what a class
+    raises while it is instantiated (with the whole config) into its own error."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

@@ -5,6 +5,7 @@ from rec_dist.models.bst import BST
 from rec_dist.models.dcnv2 import DCNv2
 from rec_dist.models.deepfm import DeepFM
 from rec_dist.models.din import DIN
+from rec_dist.models.gru4rec import GRU4Rec
 from rec_dist.models.multitask import ESMM, PLE, MMoE, MultiTaskMixin, SharedBottom, ctcvr_logit
 from rec_dist.models.two_tower import TwoTower
 
@@ -17,6 +18,7 @@ __all__ = [
     "RankingModel",
     "TaskHead",
     "TwoTower",
+    "GRU4Rec",
     "check_tasks",
     "ESMM",
     "MMoE",

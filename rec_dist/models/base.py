@@ -21,6 +21,7 @@ from torch import nn
 
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.collection import EmbeddedFeatures, FeatureEmbeddings
+from rec_dist.errors import ConfigError
 
 
 def check_tasks(schema: Schema, tasks: Sequence[str], model: str = "model") -> tuple[str, ...]:
@@ -28,13 +29,13 @@ def check_tasks(schema: Schema, tasks: Sequence[str], model: str = "model") -> t
     names = (tasks,) if isinstance(tasks, str) else tuple(tasks)
     known = sorted(schema.labels)
     if not names:
-        raise ValueError(f"{model}: needs at least one task; schema {schema.name!r} has labels {known}")
+        raise ConfigError(f"{model}: needs at least one task; schema {schema.name!r} has labels {known}")
     for task in names:
         if task not in schema.labels:
-            raise ValueError(f"{model}: unknown task {task!r}; schema {schema.name!r} has labels {known}")
+            raise ConfigError(f"{model}: unknown task {task!r}; schema {schema.name!r} has labels {known}")
     duplicates = sorted({t for t in names if names.count(t) > 1})
     if duplicates:
-        raise ValueError(f"{model}: tasks {duplicates} are listed more than once")
+        raise ConfigError(f"{model}: tasks {duplicates} are listed more than once")
     return names
 
 
@@ -50,43 +51,43 @@ def pair_query_sequences(
     if query is None and sequences is None:
         query, sequences = _default_pairs(schema, model)
     elif query is None or sequences is None:
-        raise ValueError(
+        raise ConfigError(
             f"{model}: give both query_features and sequence_features (paired position by position), "
             "or neither to pair each sequence with the sparse feature on its table"
         )
     query = (query,) if isinstance(query, str) else tuple(query)
     sequences = (sequences,) if isinstance(sequences, str) else tuple(sequences)
     if not query or len(query) != len(sequences):
-        raise ValueError(
+        raise ConfigError(
             f"{model}: query_features {list(query)} and sequence_features {list(sequences)} must be non-empty "
             f"lists of the same length (paired position by position)"
         )
     unknown = [n for n in query + sequences if n not in schema.features]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"{model}: unknown features {unknown}; schema {schema.name!r} has features {sorted(schema.features)}"
         )
     for name in query:
         kind = schema.features[name].kind
         if kind not in ("sparse", "multi_hot"):
-            raise ValueError(f"{model}: query feature {name!r} must be sparse or multi_hot, it is {kind}")
+            raise ConfigError(f"{model}: query feature {name!r} must be sparse or multi_hot, it is {kind}")
     for name in sequences:
         kind = schema.features[name].kind
         if kind != "sequence":
-            raise ValueError(f"{model}: sequence feature {name!r} must be of kind sequence, it is {kind}")
+            raise ConfigError(f"{model}: sequence feature {name!r} must be of kind sequence, it is {kind}")
     repeated = sorted({n for n in sequences if sequences.count(n) > 1})
     if repeated:
-        raise ValueError(f"{model}: sequence features {repeated} are listed more than once")
+        raise ConfigError(f"{model}: sequence features {repeated} are listed more than once")
     for q, s in zip(query, sequences, strict=True):
         dq, ds = schema.table_of(q).embedding_dim, schema.table_of(s).embedding_dim
         if dq != ds:
-            raise ValueError(
+            raise ConfigError(
                 f"{model}: query feature {q!r} (table {schema.features[q].table!r}, dim {dq}) and sequence "
                 f"{s!r} (table {schema.features[s].table!r}, dim {ds}) must have the same embedding_dim"
             )
     max_lens = {s: schema.features[s].max_len for s in sequences}
     if len(set(max_lens.values())) > 1:
-        raise ValueError(f"{model}: the sequence features must share one max_len, got {max_lens}")
+        raise ConfigError(f"{model}: the sequence features must share one max_len, got {max_lens}")
     return query, sequences
 
 
@@ -95,7 +96,7 @@ def _default_pairs(schema: Schema, model: str) -> tuple[list[str], list[str]]:
     for seq in schema.of_kind("sequence"):
         candidates = [f.name for f in schema.of_kind("sparse") if f.table == seq.table]
         if len(candidates) > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{model}: sequence {seq.name!r} shares table {seq.table!r} with several sparse features "
                 f"{candidates}; set query_features and sequence_features"
             )
@@ -103,7 +104,7 @@ def _default_pairs(schema: Schema, model: str) -> tuple[list[str], list[str]]:
             query.append(candidates[0])
             sequences.append(seq.name)
     if not sequences:
-        raise ValueError(
+        raise ConfigError(
             f"{model}: schema {schema.name!r} has no sequence feature sharing a table with a sparse feature; "
             f"set query_features and sequence_features"
         )
@@ -158,14 +159,14 @@ class FeatureSelection:
             listed = [features] if isinstance(features, str) else list(features)
             repeated = sorted({n for n in listed if listed.count(n) > 1})
             if repeated:
-                raise ValueError(f"{model}: features {repeated} are listed more than once in `features`")
+                raise ConfigError(f"{model}: features {repeated} are listed more than once in `features`")
             names = list(schema.expand(listed, where=f"{model}: features"))  # group names -> their features
             repeated = sorted({n for n in names if names.count(n) > 1})
             if repeated:
-                raise ValueError(f"{model}: features {repeated} are listed more than once in `features`")
+                raise ConfigError(f"{model}: features {repeated} are listed more than once in `features`")
             clash = [n for n in names if n in excluded]
             if clash:
-                raise ValueError(
+                raise ConfigError(
                     f"{model}: features {clash} are already used elsewhere by this model "
                     f"and cannot also be listed in `features`"
                 )
@@ -196,10 +197,10 @@ class FeatureSelection:
     def check_one_dim(self, model: str) -> int:
         """The one embedding dim all fields share (FM-style models need it)."""
         if not self.fields:
-            raise ValueError(f"{model}: needs at least one id or sequence feature; `features` selects none")
+            raise ConfigError(f"{model}: needs at least one id or sequence feature; `features` selects none")
         if len(set(self.field_dims)) > 1:
             detail = ", ".join(f"{n}: {d}" for n, d in zip(self.fields, self.field_dims, strict=True))
-            raise ValueError(
+            raise ConfigError(
                 f"{model}: all fields must share one embedding_dim, got {detail}; give their tables the "
                 f"same embedding_dim in the schema or leave features out with `features`"
             )
@@ -217,7 +218,7 @@ class TaskHead(nn.Module):
     def __init__(self, in_features: int, tasks: Sequence[str]) -> None:
         super().__init__()
         if in_features <= 0:
-            raise ValueError(f"TaskHead: in_features must be positive, got {in_features}")
+            raise ConfigError(f"TaskHead: in_features must be positive, got {in_features}")
         self.tasks = tuple(tasks)
         self.linear = nn.Linear(in_features, len(self.tasks))
 

@@ -38,6 +38,7 @@ from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.collection import FeatureEmbeddings
 from rec_dist.embedding.jagged import concat_events
+from rec_dist.errors import ConfigError
 from rec_dist.layers.mlp import MLP
 from rec_dist.layers.poso import POSOMultiHeadAttention
 from rec_dist.models.base import FeatureSelection, RankingModel, TaskHead, pair_query_sequences
@@ -81,7 +82,7 @@ class BST(RankingModel):
         self.code = None if poso is None else select_features(schema, poso.features, "BST", "poso.features")
         dim = sum(schema.table_of(n).embedding_dim for n in self.query_features)
         if dim % num_heads:
-            raise ValueError(f"BST: the token width {dim} (query embedding dims) must be divisible by num_heads "
+            raise ConfigError(f"BST: the token width {dim} (query embedding dims) must be divisible by num_heads "
                              f"{num_heads}")
         max_len = schema.features[self.sequence_features[0]].max_len
         inputs = self.declare_inputs(self.query_features, self.sequence_features, self.selection, self.code)
@@ -105,7 +106,7 @@ class BST(RankingModel):
         events = concat_events({n: embedded.sequences[n] for n in self.sequence_features}, "BST")  # (N, D)
         length = events.max_length  # this batch's longest history
         if length >= self.positions.shape[0]:
-            raise ValueError(
+            raise ConfigError(
                 f"BST: a history of {self.sequence_features[0]!r} has {length} events, more than its max_len "
                 f"{self.positions.shape[0] - 1}"
             )

@@ -20,6 +20,7 @@ import torch
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.collection import FeatureEmbeddings
+from rec_dist.errors import ConfigError
 from rec_dist.layers.interaction import CrossNetV2
 from rec_dist.layers.mlp import MLP
 from rec_dist.models.base import FeatureSelection, RankingModel, TaskHead
@@ -58,12 +59,12 @@ class DCNv2(RankingModel):
     ) -> None:
         super().__init__(schema, tasks)
         if structure not in STRUCTURES:
-            raise ValueError(f"DCNv2: structure must be one of {list(STRUCTURES)}, got {structure!r}")
+            raise ConfigError(f"DCNv2: structure must be one of {list(STRUCTURES)}, got {structure!r}")
         self.selection = FeatureSelection.from_schema(schema, features, model="DCNv2")
         self.declare_inputs(self.selection)
         in_features = self.selection.flat_dim + self.selection.dense_dim
         if in_features == 0:
-            raise ValueError("DCNv2: `features` selects no input at all")
+            raise ConfigError("DCNv2: `features` selects no input at all")
         self.structure = structure
         self.embeddings = FeatureEmbeddings(schema, features=self.input_features)
         self.cross = CrossNetV2(in_features, num_cross_layers, low_rank)

@@ -17,6 +17,7 @@ from torch import nn
 
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
+from rec_dist.errors import ConfigError
 from rec_dist.layers.personalization import last_linear
 from rec_dist.models.personalized import PersonalizationConfig, tower_modules, tower_output_linear
 from rec_dist.models.shared_bottom import SharedBottom
@@ -66,7 +67,7 @@ class ESMM(SharedBottom):
     ) -> None:
         names = (tasks,) if isinstance(tasks, str) else tuple(tasks)
         if len(names) != 2:
-            raise ValueError(f"ESMM: tasks must be exactly (ctr_task, ctcvr_task), got {list(names)}")
+            raise ConfigError(f"ESMM: tasks must be exactly (ctr_task, ctcvr_task), got {list(names)}")
         super().__init__(
             schema,
             names,
@@ -80,7 +81,7 @@ class ESMM(SharedBottom):
         )
         for task in self.tasks:
             if schema.labels[task].kind != "binary":
-                raise ValueError(f"ESMM: task {task!r} must be a binary label, got kind {schema.labels[task].kind!r}")
+                raise ConfigError(f"ESMM: task {task!r} must be a binary label, got kind {schema.labels[task].kind!r}")
         self.ctr_task, self.ctcvr_task = self.tasks
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:

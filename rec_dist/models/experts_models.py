@@ -17,6 +17,7 @@ from torch import nn
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.collection import FeatureEmbeddings
+from rec_dist.errors import ConfigError
 from rec_dist.layers.experts import CGCLayer, MixtureOfExperts
 from rec_dist.layers.personalization import GateNU, last_linear
 from rec_dist.layers.poso import POSOMMoE
@@ -130,9 +131,9 @@ class PLE(MultiTaskMixin, RankingModel):
     ) -> None:
         super().__init__(schema, tasks)
         if num_levels <= 0:
-            raise ValueError(f"PLE: num_levels must be positive, got {num_levels}")
+            raise ConfigError(f"PLE: num_levels must be positive, got {num_levels}")
         if shared_experts <= 0:
-            raise ValueError(f"PLE: shared_experts must be positive (the tasks share only them), got {shared_experts}")
+            raise ConfigError(f"PLE: shared_experts must be positive (the tasks share only them), got {shared_experts}")
         self.personal = Personalization(schema, type(self).__name__, features, personalization, poso_modes=("mmoe",))
         self.embeddings = FeatureEmbeddings(schema, self.declare_inputs(*self.personal.selections))
         lhuc, poso = self.personal.config.lhuc, self.personal.config.poso

@@ -26,6 +26,7 @@ from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.collection import FeatureEmbeddings
 from rec_dist.embedding.jagged import JaggedSequence
+from rec_dist.errors import ConfigError
 
 
 class GRU4Rec(nn.Module):
@@ -58,16 +59,16 @@ class GRU4Rec(nn.Module):
         for knob, name, kinds in (("sequence_feature", self.sequence_feature, ("sequence",)),
                                   ("item_feature", self.item_feature, ("sparse",))):
             if name not in schema.features or schema.features[name].kind not in kinds:
-                raise ValueError(f"GRU4Rec: {knob} {name!r} must name a {kinds[0]} feature of schema {schema.name!r}")
+                raise ConfigError(f"GRU4Rec: {knob} {name!r} must name a {kinds[0]} feature of schema {schema.name!r}")
         seq_table, item_table = schema.features[self.sequence_feature].table, schema.features[self.item_feature].table
         if seq_table != item_table:
-            raise ValueError(
+            raise ConfigError(
                 f"GRU4Rec: sequence_feature {self.sequence_feature!r} (table {seq_table!r}) and item_feature "
                 f"{self.item_feature!r} (table {item_table!r}) must read one table: events and scored items "
                 f"share their embeddings"
             )
         if hidden <= 0 or num_layers <= 0:
-            raise ValueError(f"GRU4Rec: hidden and num_layers must be positive, got {hidden}, {num_layers}")
+            raise ConfigError(f"GRU4Rec: hidden and num_layers must be positive, got {hidden}, {num_layers}")
         dim = schema.tables[seq_table].embedding_dim  # type: ignore[index]
         self.input_features = (self.sequence_feature, self.item_feature)
         self.embeddings = FeatureEmbeddings(schema, features=self.input_features)
@@ -101,5 +102,5 @@ def _default_sequence(schema: Schema) -> str:
             return members[0]
     sequences = [f.name for f in schema.of_kind("sequence")]
     if len(sequences) != 1:
-        raise ValueError(f"GRU4Rec: set sequence_feature; schema {schema.name!r} has sequences {sequences}")
+        raise ConfigError(f"GRU4Rec: set sequence_feature; schema {schema.name!r} has sequences {sequences}")
     return sequences[0]

@@ -47,6 +47,7 @@ from torch import nn
 
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.collection import EmbeddedFeatures
+from rec_dist.errors import ConfigError
 from rec_dist.layers.mlp import MLP
 from rec_dist.layers.personalization import LHUC, EPNet, PPNet, mlp_hidden_sizes
 from rec_dist.models.base import FeatureSelection
@@ -60,7 +61,7 @@ KEY = "personalization"
 def _names(value: object, key: str) -> tuple[str, ...]:
     names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Sequence) else None
     if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"{KEY}.{key}: name at least one schema feature or group, got {value!r}")
+        raise ConfigError(f"{KEY}.{key}: name at least one schema feature or group, got {value!r}")
     return names
 
 
@@ -68,7 +69,7 @@ def _positive(value: object, key: str, optional: bool = False) -> None:
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{KEY}.{key} must be a positive number{' or null' if optional else ''}, got {value!r}")
+        raise ConfigError(f"{KEY}.{key} must be a positive number{' or null' if optional else ''}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,9 @@ class POSOConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in POSO_MODES:
-            raise ValueError(f"{KEY}.poso.mode must be one of {list(POSO_MODES)}, got {self.mode!r}")
+            raise ConfigError(f"{KEY}.poso.mode must be one of {list(POSO_MODES)}, got {self.mode!r}")
         if self.layers not in POSO_LAYERS:
-            raise ValueError(f"{KEY}.poso.layers must be one of {list(POSO_LAYERS)}, got {self.layers!r}")
+            raise ConfigError(f"{KEY}.poso.layers must be one of {list(POSO_LAYERS)}, got {self.layers!r}")
         object.__setattr__(self, "features", _names(self.features, "poso.features"))
         _positive(self.scale, "poso.scale")
         _positive(self.gate_hidden, "poso.gate_hidden", optional=True)
@@ -155,12 +156,12 @@ BLOCKS = {"lhuc": LHUCConfig, "pepnet": PEPNetConfig, "poso": POSOConfig}
 
 def _check_keys(raw: object, where: str, allowed: set[str], required: set[str]) -> None:
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{where}: expected a mapping with keys {sorted(allowed)}, got {raw!r}")
+        raise ConfigError(f"{where}: expected a mapping with keys {sorted(allowed)}, got {raw!r}")
     unknown, missing = sorted(set(raw) - allowed), sorted(required - set(raw))
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {', '.join(sorted(allowed))}")
+        raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {', '.join(sorted(allowed))}")
     if missing:
-        raise ValueError(f"{where}: missing keys {missing}")
+        raise ConfigError(f"{where}: missing keys {missing}")
 
 
 def check_personalization(
@@ -184,9 +185,9 @@ def check_personalization(
     for name in ("lhuc", "pepnet", "poso"):
         if getattr(config, name) is not None and name not in blocks:
             takes = ", ".join(f"{KEY}.{b}" for b in blocks)
-            raise ValueError(f"{model}: {KEY}.{name} is not supported; {model} takes only {takes}")
+            raise ConfigError(f"{model}: {KEY}.{name} is not supported; {model} takes only {takes}")
     if config.poso is not None and config.poso.mode not in poso_modes:
-        raise ValueError(
+        raise ConfigError(
             f"{model}: {KEY}.poso.mode {config.poso.mode!r} is not supported; {model} takes one of {list(poso_modes)}"
         )
     return config
@@ -243,7 +244,7 @@ class Personalization(nn.Module):
         self.selection = FeatureSelection.from_schema(schema, features, model=model)
         self.input_dim = self.selection.flat_dim + self.selection.dense_dim
         if self.input_dim == 0:
-            raise ValueError(f"{model}: `features` selects no input at all")
+            raise ConfigError(f"{model}: `features` selects no input at all")
         lhuc, pepnet, poso = config.lhuc, config.pepnet, config.poso
         def select(key: str, names: Sequence[str] | None) -> FeatureSelection | None:
             return None if names is None else select_features(schema, names, model, key)
@@ -255,7 +256,7 @@ class Personalization(nn.Module):
         self.epnet = None
         if pepnet is not None:
             if self.selection.flat_dim == 0:
-                raise ValueError(f"{model}: {KEY}.pepnet needs id or sequence fields in `features` for EPNet to scale")
+                raise ConfigError(f"{model}: {KEY}.pepnet needs id or sequence fields in `features` for EPNet to scale")
             self.epnet = EPNet(_dim(self.domain_selection), self.selection.flat_dim, pepnet.gamma, pepnet.gate_hidden)
 
     @property
@@ -313,7 +314,7 @@ class Personalization(nn.Module):
         pepnet = self.config.pepnet
         if pepnet is not None:
             if not list(hidden):
-                raise ValueError(f"{self.model}: {KEY}.pepnet needs tower_hidden (PPNet gates the towers' hidden "
+                raise ConfigError(f"{self.model}: {KEY}.pepnet needs tower_hidden (PPNet gates the towers' hidden "
                                  "layers)")
             return PPNet(
                 in_features,

@@ -21,7 +21,11 @@ items, d the vector width, K interests, E events in a batch's sequences.
 ``item_batch`` is a ``Batch`` of item features (a training batch's own
 items, or the item table's rows for the corpus pass): training, the corpus
 pass, the evaluator and an exported index all use the same two functions.
-A multi-interest query scores an item by its best interest.
+A multi-interest query scores an item by its best interest. Training calls
+the model itself, ``model(batch) -> (encode_query(batch), encode_item(batch))``,
+so that DistributedDataParallel (inside DistributedModelParallel) sees the
+step and syncs gradients; evaluation calls ``encode_*`` on the unwrapped
+module.
 
 **Next item** (``NextItemTask``)::
 
@@ -34,6 +38,11 @@ A multi-interest query scores an item by its best interest.
 sequence, each summarising that event and the ones before it (causal), so
 the state at event t is scored against item vectors to predict event t+1;
 the state at the last event is the query for the row's target item.
+Training calls ``model(batch, item_batch) -> (encode_sequence(batch),
+encode_item(item_batch))`` (DDP, as above).
+
+``query_vectors(model, batch)`` is what a retrieval or next-item model
+answers for a row outside training (the evaluator, the MLflow pyfunc).
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from rec_dist.data.batch import Batch
+from rec_dist.errors import ConfigError
 
 KINDS = ("ranking", "retrieval", "next_item")
 
@@ -77,10 +87,24 @@ _PROTOCOLS = {
 }
 
 
+def query_vectors(model: object, batch: Batch) -> torch.Tensor:
+    """``(B, d)`` (or ``(B, K, d)``) query vectors: ``encode_query``, or the state at each row's last event."""
+    if isinstance(model, RetrievalModelProtocol):
+        return model.encode_query(batch)
+    if isinstance(model, NextItemModelProtocol):
+        states = model.encode_sequence(batch)  # JaggedSequence: values (E, d), offsets (B+1,)
+        offsets = states.offsets
+        has_events = offsets[1:] > offsets[:-1]  # (B,)
+        out = states.values.new_zeros(offsets.numel() - 1, states.values.shape[1])  # (B, d); empty rows: 0
+        out[has_events] = states.values[offsets[1:][has_events] - 1]
+        return out
+    raise TypeError(f"{type(model).__name__} has no query vectors (neither a retrieval nor a next-item model)")
+
+
 def check_protocol(model: object, kind: str, where: str = "model.init_args.model") -> None:
     """Raise a clear error when ``model`` does not offer what a task of ``kind`` calls."""
     if kind not in _PROTOCOLS:
-        raise ValueError(f"unknown model kind {kind!r}; choose one of {KINDS}")
+        raise ConfigError(f"unknown model kind {kind!r}; choose one of {KINDS}")
     protocol, needs = _PROTOCOLS[kind]
     if not isinstance(model, protocol):
         raise TypeError(

@@ -14,6 +14,7 @@ from torch import nn
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.collection import FeatureEmbeddings
+from rec_dist.errors import ConfigError
 from rec_dist.layers.mlp import MLP
 from rec_dist.layers.personalization import last_linear, scaled_mlp
 from rec_dist.layers.poso import POSOMLP
@@ -66,9 +67,9 @@ class SharedBottom(MultiTaskMixin, RankingModel):
         lhuc, poso = self.personal.config.lhuc, self.personal.config.poso
         bottom_hidden = [int(h) for h in bottom_hidden]
         if not bottom_hidden and not self._allow_empty_bottom:
-            raise ValueError(f"{name}: bottom_hidden needs at least one layer")
+            raise ConfigError(f"{name}: bottom_hidden needs at least one layer")
         if not bottom_hidden and (lhuc or poso):
-            raise ValueError(
+            raise ConfigError(
                 f"{name}: personalization.lhuc and personalization.poso scale the bottom's hidden layers; "
                 "give bottom_hidden"
             )

@@ -34,6 +34,7 @@ from torch import nn
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.collection import EmbeddedFeatures, FeatureEmbeddings
+from rec_dist.errors import ConfigError
 from rec_dist.layers.mlp import MLP
 from rec_dist.models.base import FeatureSelection
 
@@ -101,16 +102,16 @@ class TwoTower(nn.Module):
         query_set, item_set = set(query_sel.fields + query_sel.dense), set(item_sel.fields + item_sel.dense)
         overlap = sorted(query_set & item_set)
         if overlap:
-            raise ValueError(f"{name}: features {overlap} are read by both towers; each feature belongs to one side")
+            raise ConfigError(f"{name}: features {overlap} are read by both towers; each feature belongs to one side")
         item_group = schema.groups.get("item")
         if item_group is not None and not item_set <= set(item_group):
-            raise ValueError(
+            raise ConfigError(
                 f"{name}: item_features {sorted(item_set - set(item_group))} are not in the schema's item group "
                 f"{list(item_group)}; the corpus pass reads only the item group from the item table"
             )
         for side, sel in (("query_features", query_sel), ("item_features", item_sel)):
             if not sel.fields and not sel.dense:
-                raise ValueError(f"{name}: {side} selects no feature")
+                raise ConfigError(f"{name}: {side} selects no feature")
         inputs = [f for f in schema.features if f in query_set | item_set]  # schema order
         self._inputs = tuple(inputs)
         self.embeddings = FeatureEmbeddings(schema, [f for f in inputs if schema.features[f].is_id])
@@ -146,7 +147,7 @@ def _default(
         return list(names)
     present = [g for g in groups if g in schema.groups]
     if not present:
-        raise ValueError(
+        raise ConfigError(
             f"{model}: schema {schema.name!r} has no {' / '.join(repr(g) for g in groups)} group; "
             f"list the features with `{knob}` (groups: {sorted(schema.groups)})"
         )

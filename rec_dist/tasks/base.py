@@ -38,6 +38,7 @@ from rec_dist.embedding.fused import (
     fused_optimizers,
     fused_parameter_ids,
 )
+from rec_dist.errors import ConfigError
 from rec_dist.tasks.clipping import ClipsFusedTables
 
 # A model class (``class_path`` + ``init_args``) whose leading arguments the task fills in. jsonargparse reads
@@ -68,7 +69,7 @@ class RecTask(ClipsFusedTables):
     ) -> None:
         super().__init__()
         if schema is None:
-            raise ValueError(f"{type(self).__name__} needs the data schema (the CLI links it from data.schema)")
+            raise ConfigError(f"{type(self).__name__} needs the data schema (the CLI links it from data.schema)")
         self.schema = schema
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -104,7 +105,7 @@ class RecTask(ClipsFusedTables):
         if isinstance(self.trainer.strategy, TorchRecStrategy):
             return
         if self.meta_embeddings:
-            raise ValueError(
+            raise ConfigError(
                 "model.init_args.meta_embeddings builds tables on the meta device; only "
                 "--trainer.strategy torchrec materialises them (each rank its own shards)"
             )

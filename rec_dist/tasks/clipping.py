@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 
 from rec_dist.embedding.clipping import GlobalNormClipper, fused_lookup_modules
+from rec_dist.errors import ConfigError
 
 
 class ClipsFusedTables(pl.LightningModule):
@@ -26,12 +27,12 @@ class ClipsFusedTables(pl.LightningModule):
         if not trainer.gradient_clip_val or not fused_lookup_modules(self):
             return
         if trainer.gradient_clip_algorithm not in (None, "norm"):
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.gradient_clip_algorithm={trainer.gradient_clip_algorithm!r} cannot reach the embedding "
                 "tables whose optimizer is fused into the backward (model.init_args.sparse_optimizer); use 'norm'"
             )
         if trainer.accumulate_grad_batches > 1:
-            raise ValueError("trainer.accumulate_grad_batches > 1: fused embedding tables update at every backward, "
+            raise ConfigError("trainer.accumulate_grad_batches > 1: fused embedding tables update at every backward, "
                              "so gradients cannot be accumulated (and clipped) over several batches")
         group = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
         self._clipper = GlobalNormClipper(self, trainer.gradient_clip_val, trainer.world_size, group)

@@ -23,6 +23,7 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, 
 
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
+from rec_dist.errors import ConfigError
 from rec_dist.tasks.ranking import LogitAUROC, LogLoss
 
 # ---- the config -------------------------------------------------------------------------------------------
@@ -50,14 +51,14 @@ class GroupMetricsConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.feature, str) or not self.feature:
-            raise ValueError(f"{WHERE}.feature: name the feature that defines the groups, e.g. user_group")
+            raise ConfigError(f"{WHERE}.feature: name the feature that defines the groups, e.g. user_group")
         if (self.groups is None) == (self.new_below is None):
-            raise ValueError(f"{WHERE}: give exactly one of `groups` and `new_below`")
+            raise ConfigError(f"{WHERE}: give exactly one of `groups` and `new_below`")
         if self.new_below is not None and not _number(self.new_below):
-            raise ValueError(f"{WHERE}.new_below must be a number, got {self.new_below!r}")
+            raise ConfigError(f"{WHERE}.new_below must be a number, got {self.new_below!r}")
         if self.groups is not None:
             if not isinstance(self.groups, Mapping) or not self.groups:
-                raise ValueError(f"{WHERE}.groups: expected a non-empty mapping group name -> values or {{min, max}}")
+                raise ConfigError(f"{WHERE}.groups: expected a non-empty mapping group name -> values or {{min, max}}")
             for name, rule in self.groups.items():
                 _rule(rule, f"{WHERE}.groups.{name}")
 
@@ -72,10 +73,10 @@ class GroupMetricsConfig:
     def from_mapping(cls, spec: Mapping[str, Any]) -> GroupMetricsConfig:
         """The config from a plain mapping (Python callers; YAML goes through jsonargparse)."""
         if not isinstance(spec, Mapping):
-            raise ValueError(f"{WHERE}: expected a mapping {{feature, groups | new_below}}, got {spec!r}")
+            raise ConfigError(f"{WHERE}: expected a mapping {{feature, groups | new_below}}, got {spec!r}")
         unknown = sorted(set(spec) - {"feature", "groups", "new_below"})
         if unknown:
-            raise ValueError(f"{WHERE}: unknown keys {unknown}; allowed: feature, groups, new_below")
+            raise ConfigError(f"{WHERE}: unknown keys {unknown}; allowed: feature, groups, new_below")
         return cls(spec.get("feature"), spec.get("groups"), spec.get("new_below"))  # type: ignore[arg-type]
 
 
@@ -85,16 +86,16 @@ def _rule(raw: Any, where: str) -> GroupRule:
     if isinstance(raw, Mapping):
         unknown = sorted(set(raw) - {"min", "max"})
         if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}; a range has min and max")
+            raise ConfigError(f"{where}: unknown keys {unknown}; a range has min and max")
         lo, hi = raw.get("min"), raw.get("max")
         if lo is None and hi is None:
-            raise ValueError(f"{where}: give min, max or both")
+            raise ConfigError(f"{where}: give min, max or both")
         if any(b is not None and not _number(b) for b in (lo, hi)):
-            raise ValueError(f"{where}: min and max must be numbers, got {lo!r}, {hi!r}")
+            raise ConfigError(f"{where}: min and max must be numbers, got {lo!r}, {hi!r}")
         if lo is not None and hi is not None and lo >= hi:
-            raise ValueError(f"{where}: min {lo} must be below max {hi}")
+            raise ConfigError(f"{where}: min {lo} must be below max {hi}")
         return GroupRule(min=lo, max=hi)
-    raise ValueError(f"{where}: expected a list of values or a range {{min: a, max: b}}, got {raw!r}")
+    raise ConfigError(f"{where}: expected a list of values or a range {{min: a, max: b}}, got {raw!r}")
 
 
 # ---- user groups ----------------------------------------------------------------------------------------
@@ -132,13 +133,13 @@ class UserGroups:
         config = spec if isinstance(spec, GroupMetricsConfig) else GroupMetricsConfig.from_mapping(spec)
         feature = schema.feature(config.feature)
         if feature.kind == "multi_hot" or (feature.kind == "dense" and feature.dim != 1):
-            raise ValueError(f"{WHERE}.feature: {feature.name!r} must be a sparse, sequence or one-column dense "
+            raise ConfigError(f"{WHERE}.feature: {feature.name!r} must be a sparse, sequence or one-column dense "
                              f"feature, not {feature.kind} (dim {feature.dim})")
         rules = config.rules()
         if feature.kind == "sequence":
             bounds = [b for r in rules.values() for b in (r.min, r.max) if b is not None]
             if any(b > feature.max_len for b in bounds):
-                raise ValueError(f"{WHERE}: {feature.name!r} is truncated to max_len {feature.max_len}, so a "
+                raise ConfigError(f"{WHERE}: {feature.name!r} is truncated to max_len {feature.max_len}, so a "
                                  f"length bound above it cannot be told apart; got bounds {bounds}")
         column = 0
         for f in schema.dense_features:

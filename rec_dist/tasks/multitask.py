@@ -62,7 +62,7 @@ from rec_dist.balancing.static import Balancer, StaticWeights
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.fused import SparseOptimizers
-from rec_dist.errors import RecDistError
+from rec_dist.errors import ConfigError, RecDistError
 from rec_dist.losses import POINTWISE_LOSSES, pointwise_loss
 from rec_dist.models.protocols import check_protocol
 from rec_dist.tasks.base import STAGES, OptimizerFactory, RankingModelFactory, RecTask, SchedulerFactory
@@ -190,7 +190,7 @@ class MultiTaskTask(RecTask):
         self.specs = parse_tasks(tasks, schema)
         names = tuple(self.specs)
         if gauc_feature is not None and schema.feature(gauc_feature).kind != "sparse":
-            raise ValueError(f"model.init_args.gauc_feature: {gauc_feature!r} must be a sparse (single id) feature")
+            raise ConfigError(f"model.init_args.gauc_feature: {gauc_feature!r} must be a sparse (single id) feature")
         self.gauc_feature = gauc_feature
         self.user_groups = UserGroups.from_config(group_metrics, schema) if group_metrics is not None else None
         self.balancer = balancer if balancer is not None else StaticWeights()
@@ -318,7 +318,7 @@ class MultiTaskTask(RecTask):
         super().on_fit_start()
         precision = str(self.trainer.precision)
         if not self.automatic_optimization and precision.startswith("16"):
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self.balancer).__name__} writes gradients itself and does not support loss scaling "
                 f"(trainer.precision {precision}); use 32-true or bf16-mixed"
             )

@@ -11,6 +11,7 @@ from torchmetrics.classification import BinaryAUROC
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.fused import SparseOptimizers
+from rec_dist.errors import ConfigError
 from rec_dist.losses import pointwise_loss
 from rec_dist.metrics.gauc import GroupAUC
 from rec_dist.models.protocols import check_protocol
@@ -101,7 +102,7 @@ class RankingTask(RecTask):
         schema = self.schema
         if label not in schema.labels or schema.labels[label].kind != "binary":
             binary = [n for n, lb in schema.labels.items() if lb.kind == "binary"]
-            raise ValueError(
+            raise ConfigError(
                 f"model.init_args.label: {label!r} is not a binary label of the schema; choose one of {binary}"
             )
         if group_feature is not None:

@@ -31,6 +31,7 @@ from rec_dist.data.batch import Batch
 from rec_dist.data.interactions import SeenItems, item_counts
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.fused import SparseOptimizers
+from rec_dist.errors import ConfigError
 from rec_dist.losses.sampled_softmax import in_batch_softmax_loss
 from rec_dist.metrics.retrieval import RetrievalMetrics, target_ranks, top_items
 from rec_dist.models.protocols import check_protocol
@@ -55,6 +56,8 @@ class RetrievalTask(RecTask):
         score_chunk_size: items scored at once per query batch (memory: eval batch x this).
     """
 
+    protocol = "retrieval"  # the model protocol this task checks (rec_dist.models.protocols)
+
     def __init__(
         self,
         model: ModelFactory,
@@ -74,11 +77,11 @@ class RetrievalTask(RecTask):
         super().__init__(schema, optimizer, lr_scheduler, sparse_optimizer, meta_embeddings)
         schema = self.schema
         if temperature <= 0:
-            raise ValueError(f"model.init_args.temperature must be positive, got {temperature}")
+            raise ConfigError(f"model.init_args.temperature must be positive, got {temperature}")
         for knob, value in (("top_k", top_k), ("corpus_batch_size", corpus_batch_size),
                             ("score_chunk_size", score_chunk_size)):
             if value <= 0:
-                raise ValueError(f"model.init_args.{knob} must be positive, got {value}")
+                raise ConfigError(f"model.init_args.{knob} must be positive, got {value}")
         self.user_column = _id_column(schema, "user_column")
         self.item_column = _id_column(schema, "item_column")
         self.temperature = temperature
@@ -86,13 +89,18 @@ class RetrievalTask(RecTask):
         self.popularity_baseline = popularity_baseline
         self.top_k, self.corpus_batch_size, self.score_chunk_size = top_k, corpus_batch_size, score_chunk_size
         self.model = self.build_model(model)
-        check_protocol(self.model, "retrieval")
+        check_protocol(self.model, self.protocol)
         self.metrics = nn.ModuleDict({stage: RetrievalMetrics(ks) for stage in STAGES})
         self.baseline = nn.ModuleDict({stage: RetrievalMetrics(ks) for stage in STAGES})
         self.monitor = (f"val/recall_at_{self.metrics['val'].ks[0]}", "max")
         self._corpus: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids (N,), vectors (N, d))
         self._popularity: torch.Tensor | None = None  # (N, 1) training-row count per corpus item
         self._seen: dict[str, SeenItems] = {}
+
+    def query_vectors(self, batch: Batch) -> torch.Tensor:
+        """What evaluation and predict score the corpus with: ``encode_query(batch)`` (a kind built on this
+        task, such as next-item, gives its own)."""
+        return self.retrieval_model().encode_query(batch)  # (B, d) or (B, K, d)
 
     def extra_columns(self) -> list[str]:
         return [self.user_column, self.item_column]
@@ -112,7 +120,7 @@ class RetrievalTask(RecTask):
     def _datamodule(self):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "item_table"):
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__}: evaluation needs a data module with an item table "
                 f"(rec_dist.data.datamodule.ParquetDataModule with data.init_args.items)"
             )
@@ -156,7 +164,7 @@ class RetrievalTask(RecTask):
         if batch.batch_size == 0 and self.retrieval_model() is self.model:
             return  # a rank's padding batch; unsharded lookups cannot take 0 rows (sharded ones must run)
         ids, vectors = self._corpus
-        query = self.retrieval_model().encode_query(batch)  # (B, d) or (B, K, d)
+        query = self.query_vectors(batch)  # (B, d) or (B, K, d)
         targets = batch.ids(self.item_column)  # (B,)
         exclude = self._exclude(stage, batch)
         self.metrics[stage].update(target_ranks(query, vectors, ids, targets, exclude, self.score_chunk_size))
@@ -201,7 +209,7 @@ class RetrievalTask(RecTask):
         """The ``top_k`` items of each row's query, long format: one output row per (query, rank)."""
         assert self._corpus is not None
         ids, vectors = self._corpus
-        query = self.retrieval_model().encode_query(batch)  # (B, d)
+        query = self.query_vectors(batch)  # (B, d)
         best, scores = top_items(query, vectors, ids, self.top_k, self._exclude("predict", batch),
                                  self.score_chunk_size)  # (B, k), (B, k)
         k = best.shape[1]
@@ -218,7 +226,7 @@ def _id_column(schema: Schema, key: str) -> str:
     """The sparse feature ``schema.extra[key]`` names (the user / item id column)."""
     name = schema.extra.get(key)
     if name not in schema.features or schema.features[name].kind != "sparse":
-        raise ValueError(
+        raise ConfigError(
             f"RetrievalTask: schema {schema.name!r} must name its {key.split('_')[0]} id column in "
             f"`{key}` (a sparse feature); got {name!r}"
         )

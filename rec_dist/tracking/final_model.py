@@ -27,8 +27,9 @@ from pathlib import Path
 import mlflow
 import mlflow.pyfunc
 
+from rec_dist.tracking.exported import load_exported
 from rec_dist.tracking.mlflow import default_tracking_uri
-from rec_dist.tracking.pyfunc_model import example_input, model_signature
+from rec_dist.tracking.pyfunc_model import example_input, model_inputs, model_signature
 
 MODEL_NAME = "model"  # the model's name in its run: runs:/<run id>/model
 # Installed distributions written as the model's pip requirements (those present, at their versions).
@@ -186,9 +187,10 @@ def log_final_model(
 
         from rec_dist.data.schema import Schema
 
-        payload = torch.load(exported, map_location="cpu", weights_only=False)
-        schema, tasks = Schema.from_dict(payload["schema"]), list(payload.get("tasks") or [])
-        del payload
+        model = load_exported(exported)
+        schema = Schema.from_dict(torch.load(exported, map_location="cpu", weights_only=False)["schema"])
+        tasks, features = list(getattr(model, "tasks", [])), model_inputs(model, schema)
+        del model
         with using_tracking_uri(uri):
             client = mlflow.MlflowClient(uri)
             run = client.get_run(run_id)
@@ -210,7 +212,7 @@ def log_final_model(
                 step=_model_step(client, run_id),
                 python_model=str(_model_code(Path(tmp))),
                 artifacts={"exported": str(exported), "config": str(config)},
-                signature=model_signature(schema, tasks),
-                input_example=example_input(schema),
+                signature=model_signature(schema, tasks, features),
+                input_example=example_input(schema, features=features),
                 pip_requirements=_pip_requirements(),
             )
