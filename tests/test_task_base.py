@@ -135,3 +135,17 @@ def test_a_batch_of_the_models_columns_scores_as_the_full_batch(schema, schema_p
     assert set(some.sparse.keys()) | set(some.sequence.keys()) < set(full.sparse.keys()) | set(full.sequence.keys())
     with torch.no_grad():
         torch.testing.assert_close(model(some)["click"], model(full)["click"])
+
+
+@pytest.mark.parametrize(("model_class", "tasks", "kwargs"), RANKERS, ids=[m[0].__name__ for m in RANKERS])
+def test_every_ranker_scores_an_empty_batch(schema, schema_path, model_class, tasks, kwargs):
+    """Evaluation pads a short rank with 0-row batches; unsharded tables (plain DDP) must take them."""
+    import pyarrow.parquet as pq
+
+    from rec_dist.data.columns import ColumnChunk
+
+    empty = ColumnChunk.from_arrow(pq.read_table(schema_path.parent / "train.parquet").slice(0, 0), schema, "x")
+    model = model_class(schema, tasks, **kwargs).eval()
+    with torch.no_grad():
+        out = model(empty.to_batch(schema))
+    assert set(out) == set(tasks) and all(v.shape == (0,) for v in out.values())

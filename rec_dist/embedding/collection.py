@@ -144,6 +144,8 @@ class FeatureEmbeddings(nn.Module):
         error; its pooled vectors are zeros and its sequences empty."""
         if complete:
             batch = self.completed(batch)
+        if batch.batch_size == 0 and self._local():
+            return self._empty(batch)
         pooled: dict[str, torch.Tensor] = {}
         sequences: dict[str, JaggedSequence] = {}
         ids: dict[str, torch.Tensor] = {}
@@ -183,6 +185,27 @@ class FeatureEmbeddings(nn.Module):
         lengths = {name: seq.lengths for name, seq in sequences.items()}
         return EmbeddedFeatures(pooled, sequences, lengths, batch.dense, first, ids)
 
+
+    def _local(self) -> bool:
+        """Whether the lookups are TorchRec's plain (unsharded) collections."""
+        plain = [type(self.pooled) is EmbeddingBagCollection] if self.pooled is not None else []
+        plain += [type(c) is EmbeddingCollection for c in (self.unpooled.values() if self.unpooled else [])]
+        return all(plain)
+
+    def _empty(self, batch: Batch) -> EmbeddedFeatures:
+        """The lookups of a batch of 0 rows (what evaluation pads short ranks with), which TorchRec's
+        unsharded collections cannot look up; sharded ones must (every rank joins their collectives)."""
+        values = next(self.parameters()).new_zeros
+        dim = {name: self.schema.table_of(name).embedding_dim for name in self.features}
+        pooled = {n: values(0, dim[n]) for n in self._pooled_names}
+        pooled.update({n: values(0, dim[n]) for n, kind, _ in self._unpooled if kind != "sequence"})
+        no_ids = torch.zeros(0, dtype=torch.int64, device=batch.dense.device)
+        offsets = torch.zeros(1, dtype=torch.int64, device=batch.dense.device)
+        sequences = {n: JaggedSequence(values(0, dim[n]), offsets, no_ids) for n, kind, _ in self._unpooled
+                     if kind == "sequence"}
+        first = values(0) if self.first_order_sparse is not None or self.first_order_sequence is not None else None
+        lengths = {name: seq.lengths for name, seq in sequences.items()}
+        return EmbeddedFeatures(pooled, sequences, lengths, batch.dense, first, dict.fromkeys(self.features, no_ids))
 
     def completed(self, batch: Batch) -> Batch:
         """``batch`` holding every feature these tables look up (absent ones as empty bags), keys in the

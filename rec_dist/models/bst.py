@@ -103,6 +103,8 @@ class BST(RankingModel):
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         embedded = self.embeddings(batch)
         target = torch.cat([embedded.pooled[n] for n in self.query_features], dim=1)  # (B, D)
+        if target.shape[0] == 0:  # an empty evaluation batch (padding of a short rank): torch's MHA refuses 0 rows
+            return {task: target.new_zeros(0) for task in self.tasks}
         events = concat_events({n: embedded.sequences[n] for n in self.sequence_features}, "BST")  # (N, D)
         length = events.max_length  # this batch's longest history
         if length >= self.positions.shape[0]:
