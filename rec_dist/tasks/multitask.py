@@ -61,11 +61,10 @@ from torchmetrics import MeanMetric
 from rec_dist.balancing.static import Balancer, StaticWeights
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
-from rec_dist.embedding.fused import SparseOptimizers
 from rec_dist.errors import ConfigError, RecDistError
 from rec_dist.losses import POINTWISE_LOSSES, pointwise_loss
 from rec_dist.models.protocols import check_protocol
-from rec_dist.tasks.base import STAGES, OptimizerFactory, RankingModelFactory, RecTask, SchedulerFactory
+from rec_dist.tasks.base import STAGES, RankingModelFactory, RecTask
 from rec_dist.tasks.group_metrics import (
     GroupMetricsConfig,
     GroupRule,
@@ -165,11 +164,8 @@ class MultiTaskTask(RecTask):
         group_metrics: per-user-group metrics (``GroupMetricsConfig``: ``{feature, groups}`` or
             ``{feature, new_below}``; a plain mapping of these is accepted too).
         gauc_feature: a sparse feature (e.g. ``user_id``) to compute GAUC by, for bce tasks; None: no GAUC.
-        optimizer: dense optimizer factory.
-        lr_scheduler: learning-rate scheduler factory.
-        sparse_optimizer: optimizer fused into the embedding tables' backward (as ``RankingTask``: the pooled
-            tables in one process, every sharded table under the torchrec strategy).
-        meta_embeddings: build the tables on the meta device (as ``RankingTask``; torchrec strategy only).
+        kwargs: ``optimizer``, ``lr_scheduler``, ``sparse_optimizer``, ``meta_embeddings`` of ``RecTask``
+            (``rec_dist.tasks.base``); the CLI reads them from its signature.
     """
 
     def __init__(
@@ -180,12 +176,9 @@ class MultiTaskTask(RecTask):
         balancer: Balancer | None = None,
         group_metrics: GroupMetricsConfig | None = None,
         gauc_feature: str | None = None,
-        optimizer: OptimizerFactory = torch.optim.Adam,
-        lr_scheduler: SchedulerFactory | None = None,
-        sparse_optimizer: SparseOptimizers | None = None,
-        meta_embeddings: bool = False,
+        **kwargs,
     ) -> None:
-        super().__init__(schema, optimizer, lr_scheduler, sparse_optimizer, meta_embeddings)
+        super().__init__(schema, **kwargs)  # optimizer, lr_scheduler, sparse_optimizer, meta_embeddings: RecTask
         schema = self.schema
         self.specs = parse_tasks(tasks, schema)
         names = tuple(self.specs)

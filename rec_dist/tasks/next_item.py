@@ -25,17 +25,14 @@ the user's earlier items excluded, Recall / NDCG / MRR @K.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
-from rec_dist.embedding.fused import SparseOptimizers
 from rec_dist.errors import ConfigError
 from rec_dist.models.protocols import query_vectors
-from rec_dist.tasks.base import ModelFactory, OptimizerFactory, SchedulerFactory
+from rec_dist.tasks.base import ModelFactory
 from rec_dist.tasks.retrieval import RetrievalTask
 
 POSITIONS = ("last", "all")
@@ -55,7 +52,8 @@ def next_targets(events: torch.Tensor, offsets: torch.Tensor, row_items: torch.T
 
 
 class NextItemTask(RetrievalTask):
-    """Trains a next-item model; see the module docstring. Arguments as ``RetrievalTask``, plus:
+    """Trains a next-item model; see the module docstring. Arguments as ``RetrievalTask`` (passed on as
+    ``kwargs``; the CLI reads them from its signature), plus:
 
     Args:
         positions: ``last`` (each row's last state) or ``all`` (every state).
@@ -69,25 +67,11 @@ class NextItemTask(RetrievalTask):
         schema: Schema | None = None,
         positions: str = "last",
         temperature: float = 1.0,
-        ks: Sequence[int] = (10, 50),
-        exclude_seen: bool = True,
-        popularity_baseline: bool = True,
-        top_k: int = 100,
-        corpus_batch_size: int = 8192,
-        score_chunk_size: int = 16_384,
-        optimizer: OptimizerFactory = torch.optim.Adam,
-        lr_scheduler: SchedulerFactory | None = None,
-        sparse_optimizer: SparseOptimizers | None = None,
-        meta_embeddings: bool = False,
+        **kwargs,
     ) -> None:
         if positions not in POSITIONS:
             raise ConfigError(f"model.init_args.positions must be one of {POSITIONS}, got {positions!r}")
-        super().__init__(
-            model, schema, temperature=temperature, ks=ks, exclude_seen=exclude_seen,
-            popularity_baseline=popularity_baseline, top_k=top_k, corpus_batch_size=corpus_batch_size,
-            score_chunk_size=score_chunk_size, optimizer=optimizer, lr_scheduler=lr_scheduler,
-            sparse_optimizer=sparse_optimizer, meta_embeddings=meta_embeddings,
-        )
+        super().__init__(model, schema, temperature=temperature, **kwargs)
         self.positions = positions
         self.sequence_feature = self.retrieval_model().sequence_feature
 

@@ -10,12 +10,11 @@ from torchmetrics.classification import BinaryAUROC
 
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
-from rec_dist.embedding.fused import SparseOptimizers
 from rec_dist.errors import ConfigError
 from rec_dist.losses import pointwise_loss
 from rec_dist.metrics.gauc import GroupAUC
 from rec_dist.models.protocols import check_protocol
-from rec_dist.tasks.base import STAGES, OptimizerFactory, RankingModelFactory, RecTask, SchedulerFactory
+from rec_dist.tasks.base import STAGES, RankingModelFactory, RecTask
 
 __all__ = ["STAGES", "EvalMetrics", "LogLoss", "LogitAUROC", "LogitGroupAUC", "RankingTask", "id_columns",
            "id_column_names"]
@@ -93,12 +92,9 @@ class RankingTask(RecTask):
         schema: Schema | None = None,
         label: str = "like",
         group_feature: str | None = "user_id",
-        optimizer: OptimizerFactory = torch.optim.Adam,
-        lr_scheduler: SchedulerFactory | None = None,
-        sparse_optimizer: SparseOptimizers | None = None,
-        meta_embeddings: bool = False,
+        **kwargs,
     ) -> None:
-        super().__init__(schema, optimizer, lr_scheduler, sparse_optimizer, meta_embeddings)
+        super().__init__(schema, **kwargs)  # optimizer, lr_scheduler, sparse_optimizer, meta_embeddings: RecTask
         schema = self.schema
         if label not in schema.labels or schema.labels[label].kind != "binary":
             binary = [n for n, lb in schema.labels.items() if lb.kind == "binary"]

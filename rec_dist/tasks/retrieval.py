@@ -30,12 +30,11 @@ from torch import nn
 from rec_dist.data.batch import Batch
 from rec_dist.data.interactions import SeenItems, item_counts
 from rec_dist.data.schema import Schema
-from rec_dist.embedding.fused import SparseOptimizers
 from rec_dist.errors import ConfigError
 from rec_dist.losses.sampled_softmax import in_batch_softmax_loss
 from rec_dist.metrics.retrieval import RetrievalMetrics, target_ranks, top_items
 from rec_dist.models.protocols import check_protocol
-from rec_dist.tasks.base import STAGES, ModelFactory, OptimizerFactory, RecTask, SchedulerFactory
+from rec_dist.tasks.base import STAGES, ModelFactory, RecTask
 
 # Splits whose interactions are "seen" before each stage's rows (leave-last-out: train < val < test).
 SEEN_SPLITS = {"val": ("train",), "test": ("train", "val"), "predict": ("train", "val")}
@@ -54,6 +53,7 @@ class RetrievalTask(RecTask):
         top_k: items per query written by ``predict``.
         corpus_batch_size: items per batch of the corpus pass.
         score_chunk_size: items scored at once per query batch (memory: eval batch x this).
+        kwargs: ``optimizer``, ``lr_scheduler``, ``sparse_optimizer``, ``meta_embeddings`` of ``RecTask``.
     """
 
     protocol = "retrieval"  # the model protocol this task checks (rec_dist.models.protocols)
@@ -69,12 +69,9 @@ class RetrievalTask(RecTask):
         top_k: int = 100,
         corpus_batch_size: int = 8192,
         score_chunk_size: int = 16_384,
-        optimizer: OptimizerFactory = torch.optim.Adam,
-        lr_scheduler: SchedulerFactory | None = None,
-        sparse_optimizer: SparseOptimizers | None = None,
-        meta_embeddings: bool = False,
+        **kwargs,
     ) -> None:
-        super().__init__(schema, optimizer, lr_scheduler, sparse_optimizer, meta_embeddings)
+        super().__init__(schema, **kwargs)  # optimizer, lr_scheduler, sparse_optimizer, meta_embeddings: RecTask
         schema = self.schema
         if temperature <= 0:
             raise ConfigError(f"model.init_args.temperature must be positive, got {temperature}")
