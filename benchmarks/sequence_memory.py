@@ -11,11 +11,19 @@ and the same batch:
 - ``padded``: the old code, copied here: the sequence lookup padded to the schema's max_len
   (``jagged_to_padded_dense``, as the old ``FeatureEmbeddings`` did), then the old
   ``TargetAttention`` over ``(B, max_len, D)`` keys with a ``(B, max_len)`` mask (its MLP already
-  ran on the real positions only).
-- ``jagged_concat``: no padding; the attention MLP on the ``(N, 4D)`` concatenation
-  ``[q, k, q - k, q ⊙ k]`` (the library's jagged layer minus its first-layer split), to show which
-  part of the gain is the padding.
-- ``jagged``: the library: ``FeatureEmbeddings`` -> ``JaggedSequence`` -> ``TargetAttention``.
+  ran on the real positions only) and the old ``Dice`` (autograd through ``batch_norm``, the
+  sigmoid and the gate). The baseline of the attention rows.
+- ``padded_dice``: the same with the lean ``Dice`` (``Dice(lean=True)``: keeps only its input for
+  the backward and recomputes its gate there): what that lever alone gives the old padded code.
+- ``jagged_concat``: no padding; the attention MLP (old ``Dice``) on the ``(N, 4D)`` concatenation
+  ``[q, k, q - k, q ⊙ k]``, to show which part of the gain is the padding.
+- ``jagged_prev``: the jagged layer as first written (first-layer split by autograd, old ``Dice``,
+  ``index_add`` segment sums); ``jagged_prev_dice``: the same with the lean ``Dice``.
+- ``jagged``: the library's default: ``FeatureEmbeddings`` -> ``JaggedSequence`` ->
+  ``TargetAttention`` (the first layer as one autograd function that recomputes ``q ⊙ k``,
+  ``segment_reduce`` sums, autograd's ``Dice``).
+- ``jagged_recompute``: the library's memory-first mode, ``TargetAttention(recompute=True)``: lean
+  ``Dice`` layers and the unit after its first layer checkpointed (run again in the backward).
 - ``padded_mean`` / ``jagged_mean``: the history as a mean-pooled field instead (how every other
   model reads a sequence): the old ``EmbeddedFeatures.mean_pooled`` over the max_len-padded
   lookup against ``JaggedSequence.mean_pooled``; no attention MLP, so this pair isolates what
@@ -34,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -43,9 +52,35 @@ import time
 import numpy as np
 import torch
 
-PATHS = ("padded", "jagged_concat", "jagged", "padded_mean", "jagged_mean")
-BASELINE = {"padded": "padded", "jagged_concat": "padded", "jagged": "padded", "padded_mean": "padded_mean",
-            "jagged_mean": "padded_mean"}
+PATHS = ("padded", "padded_dice", "jagged_concat", "jagged_prev", "jagged_prev_dice", "jagged", "jagged_recompute",
+         "padded_mean", "jagged_mean")
+BASELINE = {path: "padded_mean" if path.endswith("_mean") else "padded" for path in PATHS}
+
+
+def old_layers(layers: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layers`` with each ``Dice`` run as it was before (autograd keeps its input, the sigmoid and the gate)."""
+    from rec_dist.layers.mlp import Dice
+
+    for layer in layers:
+        if isinstance(layer, Dice):
+            z = torch.nn.functional.batch_norm(x, layer.running_mean, layer.running_var, training=layer.training,
+                                               momentum=layer.momentum, eps=layer.eps)  # (N, C)
+            p = torch.sigmoid(z)  # (N, C)
+            x = x * (layer.alpha + p * (1.0 - layer.alpha))  # (N, C)
+        else:
+            x = layer(x)
+    return x
+
+
+class OldMLP(torch.nn.Module):
+    """The attention's MLP with the old ``Dice``."""
+
+    def __init__(self, mlp: torch.nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return old_layers(self.mlp.layers, x)
 
 
 class OldTargetAttention(torch.nn.Module):
@@ -118,15 +153,34 @@ def step(path: str, embeddings, attention, batch, max_len: int) -> torch.Tensor:
     out = embeddings(batch)
     query = out.pooled["item_id"]  # (B, D)
     history = out.sequences["hist_item_id"]
-    if path == "padded":
+    if path in ("padded", "padded_dice"):
         keys = torch.ops.fbgemm.jagged_to_padded_dense(history.values, [history.offsets], [max_len], 0.0)  # (B, L, D)
         mask = torch.arange(max_len, device=keys.device).unsqueeze(0) < history.lengths.unsqueeze(1)  # (B, L)
-        interest = OldTargetAttention(attention.mlp)(query, keys, mask)  # (B, D)
+        mlp = OldMLP(attention.mlp) if path == "padded" else attention.mlp
+        attention.recompute = path == "padded_dice"  # its Dice layers lean (the checkpoint is not used here)
+        interest = OldTargetAttention(mlp)(query, keys, mask)  # (B, D)
+        attention.recompute = False
     elif path == "jagged_concat":
         rows = history.rows  # (N,)
         q, k = query.index_select(0, rows), history.values  # (N, D)
-        w = attention.mlp(torch.cat([q, k, q - k, q * k], dim=1)).squeeze(1)  # (N,)
+        w = OldMLP(attention.mlp)(torch.cat([q, k, q - k, q * k], dim=1)).squeeze(1)  # (N,)
         interest = torch.zeros_like(query).index_add(0, rows, w.unsqueeze(1) * k)  # (B, D)
+    elif path in ("jagged_prev", "jagged_prev_dice"):  # the first jagged layer: split by autograd, index_add
+        rows, k, first = history.rows, history.values, attention.mlp.layers[0]  # (N,), (N, D)
+        w_q, w_k, w_d, w_p = first.weight.split(k.shape[1], dim=1)  # each (H, D)
+        per_row = torch.nn.functional.linear(query, w_q + w_d, first.bias)  # (B, H)
+        q = query.index_select(0, rows)  # (N, D)
+        hidden = per_row.index_select(0, rows) + torch.nn.functional.linear(k, w_k - w_d)  # (N, H)
+        hidden = hidden + torch.nn.functional.linear(q * k, w_p)  # (N, H)
+        rest = attention.mlp.layers[1:]
+        attention.recompute = path == "jagged_prev_dice"  # its Dice layers lean (the checkpoint is not used here)
+        w = (old_layers(rest, hidden) if path == "jagged_prev" else rest(hidden)).squeeze(1)  # (N,)
+        attention.recompute = False
+        interest = torch.zeros_like(query).index_add(0, rows, w.unsqueeze(1) * k)  # (B, D)
+    elif path == "jagged_recompute":
+        attention.recompute = True
+        interest = attention(query, history.values, history.offsets)  # (B, D)
+        attention.recompute = False
     elif path == "padded_mean":  # the old collection and EmbeddedFeatures.mean_pooled
         keys = torch.ops.fbgemm.jagged_to_padded_dense(history.values, [history.offsets], [max_len], 0.0)  # (B, L, D)
         interest = keys.sum(dim=1) / history.lengths.clamp(min=1).unsqueeze(1).to(keys.dtype)  # (B, D)
@@ -227,17 +281,19 @@ def main() -> None:
           f"p99 {np.percentile(lengths, 99):.0f}, max {lengths.max()}; N = {lengths.sum()} events, "
           f"padded to max_len {args.max_len}: {args.batch * args.max_len} slots "
           f"({args.batch * args.max_len / lengths.sum():.1f}x)")
+    print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     results = {path: run_child(path) for path in args.paths}  # memory: a fresh process per path
     for path, times in run_child("time").items():
         results[path]["step_s"] = min(times)
         results[path]["median_s"] = statistics.median(times)
-    print(f"\n{'path':<14} {'peak MB':>9} {'step s min':>11} {'median':>8} {'baseline':>12} {'memory ratio':>13} "
+    print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"\n{'path':<17} {'peak MB':>9} {'step s min':>11} {'median':>8} {'baseline':>12} {'memory ratio':>13} "
           f"{'speedup':>8}")
     for path, r in results.items():
         base = results.get(BASELINE[path])
         memory = f"{r['peak_bytes'] / base['peak_bytes']:.3f}x" if base else "-"
         speed = f"{base['step_s'] / r['step_s']:.2f}x" if base else "-"
-        print(f"{path:<14} {r['peak_bytes'] / 2**20:>9.0f} {r['step_s']:>11.2f} {r['median_s']:>8.2f} "
+        print(f"{path:<17} {r['peak_bytes'] / 2**20:>9.0f} {r['step_s']:>11.2f} {r['median_s']:>8.2f} "
               f"{BASELINE[path]:>12} {memory:>13} {speed:>8}")
     for path, r in results.items():  # same weights, same batch: each path agrees with its baseline
         reference = results.get(BASELINE[path])

@@ -13,6 +13,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from rec_dist.layers import MLP, CrossNetV2, Dice, FactorizationMachine, TargetAttention, make_activation
+from rec_dist.layers import attention as attention_module
+from rec_dist.layers import mlp as mlp_module
 
 # ---- naive references ------------------------------------------------------------------
 
@@ -180,8 +182,9 @@ def test_dice_train_uses_batch_stats_and_eval_uses_running_stats():
     assert_close(dice(y[:1]), dice(y)[:1])
 
 
-def test_dice_matches_batchnorm_running_stats_and_handles_tiny_batches():
-    dice, bn = Dice(4), nn.BatchNorm1d(4, affine=False)
+@pytest.mark.parametrize("lean", [False, True])
+def test_dice_matches_batchnorm_running_stats_and_handles_tiny_batches(lean):
+    dice, bn = Dice(4, lean=lean), nn.BatchNorm1d(4, affine=False)
     for _ in range(3):
         x = torch.randn(16, 4) * 3
         dice(x)
@@ -193,18 +196,32 @@ def test_dice_matches_batchnorm_running_stats_and_handles_tiny_batches():
     assert dice(torch.randn(2, 5, 4)).shape == (2, 5, 4)
 
 
+def _small_blocks(monkeypatch, chunk: int | None) -> None:
+    """Dice's and the attention's block passes over ``chunk`` rows at a time (blocks that split rows)."""
+    if chunk is not None:
+        monkeypatch.setattr(mlp_module, "CHUNK_ROWS", chunk)
+        monkeypatch.setattr(attention_module, "CHUNK_ROWS", chunk)
+
+
+@pytest.mark.parametrize(("lean", "chunk"), [(False, None), (True, None), (True, 2)])
 @pytest.mark.parametrize("train", [True, False])
-def test_dice_gradients_equal_autograd_through_the_naive_formula(train):
-    # Dice's backward recomputes its gate; the reference differentiates the formula (batch statistics by
-    # explicit sums, so the gradient also flows through the mean and the variance in training).
-    dice = Dice(3)
+def test_dice_gradients_equal_autograd_through_the_naive_formula(train, lean, chunk, monkeypatch):
+    # the lean Dice's backward recomputes its gate; the reference differentiates the formula (batch
+    # statistics by explicit sums, so the gradient also flows through the mean and the variance in training).
+    _small_blocks(monkeypatch, chunk)
+    dice = Dice(3, lean=lean)
     nn.init.uniform_(dice.alpha, -1, 1)
     dice.running_mean.uniform_(-1, 1)
     dice.running_var.uniform_(0.5, 2)
     dice.train(train)
+    running = [b.clone() for b in dice.buffers()]
     x = (torch.randn(9, 3) * 2 + 1).requires_grad_(True)
     cotangent = torch.randn(9, 3)
     grad_x, grad_alpha = torch.autograd.grad((dice(x) * cotangent).sum(), [x, dice.alpha])
+    if train:  # running estimates as BatchNorm keeps them (momentum 0.1, unbiased variance)
+        mean, var = _channel_stats(list(x.detach()))
+        assert_close(dice.running_mean, 0.9 * running[0] + 0.1 * mean)
+        assert_close(dice.running_var, 0.9 * running[1] + 0.1 * var * 9 / 8)
     reference = torch.stack(ref_dice_rows(dice, list(x), train=train))
     ref_x, ref_alpha = torch.autograd.grad((reference * cotangent).sum(), [x, dice.alpha])
     assert_close(grad_x, ref_x)
@@ -288,12 +305,13 @@ def _padded_from_events(events: torch.Tensor, lengths: list[int], length: int) -
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize(("recompute", "chunk"), [(False, None), (True, None), (False, 2), (True, 4)])
 @pytest.mark.parametrize("softmax", [False, True])
 @pytest.mark.parametrize("activation", ["dice", "prelu"])
-def test_target_attention_gradients_equal_per_position_reference(softmax, activation, recompute):
+def test_target_attention_gradients_equal_per_position_reference(softmax, activation, recompute, chunk, monkeypatch):
     # the first layer's own backward, the segment sums and (recompute) the checkpointed unit against
     # autograd through the naive per-position loop: gradients of the query, the events and every parameter
+    _small_blocks(monkeypatch, chunk)
     torch.manual_seed(0)
     att = TargetAttention(3, hidden=[6, 4], activation=activation, softmax=softmax, recompute=recompute)
     for name, p in att.named_parameters():

@@ -26,10 +26,13 @@ kept for the backward (the same function; the parameters stay those of one
 recomputes ``q_b ⊙ k_t`` instead of keeping it and the gathered queries (two
 ``(N, D)`` tensors). Per-row sums are segment sums (``segment_reduce``).
 
-``recompute=True`` runs the rest of the unit (Dice, the hidden layers) under
+``recompute=True`` is the memory-first mode: the unit's Dice layers are
+``lean`` (they keep only their input and recompute the gate in the
+backward) and the rest of the unit (Dice, the hidden layers) runs under
 ``torch.utils.checkpoint``: only the first layer's ``(N, h)`` output is kept,
 and the backward runs those layers again (Dice's running statistics are
-updated once). Measured in ``benchmarks/sequence_memory.py``.
+updated once). Off by default: on CPU it cost ~1.6x the step time for
+~0.7x the memory (``benchmarks/sequence_memory.py``, RESULTS.md).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rec_dist.embedding.jagged import segment_ids, segment_softmax, segment_sum
-from rec_dist.layers.mlp import MLP, running_stats_frozen
+from rec_dist.layers.mlp import CHUNK_ROWS, MLP, Dice, running_stats_frozen
 
 
 def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -55,7 +58,8 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 class _FirstLayer(torch.autograd.Function):
     """``h_t = ((W_q + W_d) q_b + c) + (W_k - W_d) k_t + W_p (q_b ⊙ k_t)`` for every event t of row b,
     ``(N, H)``, keeping only the inputs for the backward (which gathers ``q_b`` and recomputes
-    ``q_b ⊙ k_t``); the weight's gradient is assembled for ``W = [W_q W_k W_d W_p]``."""
+    ``q_b ⊙ k_t``); the weight's gradient is assembled for ``W = [W_q W_k W_d W_p]``. Per-event
+    temporaries are made over blocks of ``CHUNK_ROWS`` events, never for all N at once."""
 
     @staticmethod
     def forward(ctx, query, keys, weight, bias, offsets, rows):  # (B, D), (N, D), (H, 4D), (H,), (B+1,), (N,)
@@ -65,26 +69,33 @@ class _FirstLayer(torch.autograd.Function):
         with torch.autocast(keys.device.type, enabled=False):
             query, keys, weight, bias = (t.to(dtype) for t in (query, keys, weight, bias))
             w_q, w_k, w_d, w_p = weight.split(query.shape[1], dim=1)  # each (H, D)
-            per_row = torch.addmm(bias, query, (w_q + w_d).t())  # (B, H)
-            out = per_row.index_select(0, rows)  # (N, H)
-            out.addmm_(keys, (w_k - w_d).t())  # (N, H)
-            return out.addmm_(query.index_select(0, rows).mul_(keys), w_p.t())  # (N, H)
+            out = torch.addmm(bias, query, (w_q + w_d).t()).index_select(0, rows)  # (N, H) the per-row part
+            for start in range(0, keys.shape[0], CHUNK_ROWS):
+                b = slice(start, start + CHUNK_ROWS)
+                q_k = query.index_select(0, rows[b]).mul_(keys[b])  # (n, D) q_b ⊙ k_t
+                out[b].addmm_(keys[b], (w_k - w_d).t()).addmm_(q_k, w_p.t())  # (n, H)
+            return out
 
     @staticmethod
     def backward(ctx, grad):  # grad (N, H)
         query, keys, weight, offsets, rows = ctx.saved_tensors
         dtypes = query.dtype, keys.dtype, weight.dtype
+        offsets = offsets.long()
         with torch.autocast(keys.device.type, enabled=False):
             grad, query, keys, weight = (t.to(ctx.dtype) for t in (grad, query, keys, weight))
             w_q, w_k, w_d, w_p = weight.split(query.shape[1], dim=1)  # each (H, D)
-            per_row = torch.segment_reduce(grad, "sum", offsets=offsets.long(), axis=0)  # (B, H)
-            q = query.index_select(0, rows)  # (N, D)
-            grad_qk = grad @ w_p  # (N, D) dL/d(q ⊙ k)
-            grad_keys = torch.addcmul(grad @ (w_k - w_d), grad_qk, q)  # (N, D)
-            grad_w_p = grad.t() @ q.mul_(keys)  # (H, D) q is q ⊙ k from here on
-            del q
+            per_row = torch.segment_reduce(grad, "sum", offsets=offsets, axis=0)  # (B, H)
             grad_query = per_row @ (w_q + w_d)  # (B, D)
-            grad_query += torch.segment_reduce(grad_qk.mul_(keys), "sum", offsets=offsets.long(), axis=0)  # (B, D)
+            grad_keys = torch.empty_like(keys)  # (N, D)
+            grad_w_p = weight.new_zeros(w_p.shape)  # (H, D)
+            for start in range(0, keys.shape[0], CHUNK_ROWS):
+                b = slice(start, start + CHUNK_ROWS)
+                q = query.index_select(0, rows[b])  # (n, D)
+                grad_qk = grad[b] @ w_p  # (n, D) dL/d(q ⊙ k)
+                torch.mm(grad[b], w_k - w_d, out=grad_keys[b]).addcmul_(grad_qk, q)  # (n, D)
+                grad_w_p.addmm_(grad[b].t(), q.mul_(keys[b]))  # q is q ⊙ k from here on
+                local = offsets.clamp(start, start + CHUNK_ROWS) - start  # (B+1,) this block's part of each row
+                grad_query += torch.segment_reduce(grad_qk.mul_(keys[b]), "sum", offsets=local, axis=0)  # (B, D)
             grad_c, grad_a = per_row.t() @ query, grad.t() @ keys  # (H, D) for W_q + W_d and W_k - W_d
             grad_weight = torch.cat([grad_c, grad_a, grad_c - grad_a, grad_w_p], dim=1)  # (H, 4D)
             grad_bias = per_row.sum(0)  # (H,)
@@ -119,8 +130,20 @@ class TargetAttention(nn.Module):
             raise ValueError(f"TargetAttention: dim must be positive, got {dim}")
         self.dim = dim
         self.softmax = softmax
-        self.recompute = recompute
         self.mlp = MLP(4 * dim, hidden, activation=activation, dropout=dropout, output_dim=1)
+        self.recompute = recompute
+
+    @property
+    def recompute(self) -> bool:
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, value: bool) -> None:
+        """The memory-first mode: the unit's Dice layers lean, the rest of the unit checkpointed."""
+        self._recompute = bool(value)
+        for module in self.mlp.modules():
+            if isinstance(module, Dice):
+                module.lean = self._recompute
 
     def _check(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor) -> None:
         if query.dim() != 2 or keys.dim() != 2 or query.shape[1] != self.dim or keys.shape[1] != self.dim:

@@ -32,47 +32,85 @@ from torch.autograd.function import once_differentiable
 ACTIVATIONS = ("relu", "leaky_relu", "prelu", "dice", "gelu", "silu", "tanh", "sigmoid", "identity")
 
 
+CHUNK_ROWS = 8192  # rows per block of the lean per-event backward passes: no (N, C) temporaries
+
+
 class _DiceFunction(torch.autograd.Function):
-    """``f(s) = s * (alpha + p * (1 - alpha))``, ``p = sigmoid((s - mean) * invstd)``, keeping only ``s`` for
-    the backward (autograd's chain would keep ``s``, ``p`` and the gate, three ``(N, C)`` tensors); the
-    backward recomputes ``p`` and, with batch statistics, also differentiates through the mean and
-    variance (as ``batch_norm``'s backward does)."""
+    """``f(s) = s * (alpha + p * (1 - alpha))``, ``p = sigmoid(z)``, ``z = (s - mean) * invstd``, keeping only
+    ``s`` for the backward (autograd's chain would keep ``s``, ``p`` and the gate, three ``(N, C)`` tensors).
+
+    The forward normalises with ``native_batch_norm`` (batch statistics, running estimates updated, as
+    ``batch_norm`` does) and turns that one ``(N, C)`` buffer into the output in place. The backward
+    recomputes ``p`` over blocks of ``CHUNK_ROWS`` rows, so it makes no ``(N, C)`` tensor but its result;
+    with batch statistics it also differentiates through the mean and variance (``batch_norm``'s
+    backward), which needs two per-channel sums over all rows first: a second pass over the blocks.
+    """
 
     @staticmethod
-    def forward(ctx, x, alpha, mean, invstd, batch_stats: bool):  # x (N, C); alpha, mean, invstd (C,)
+    def forward(ctx, x, alpha, running_mean, running_var, batch_stats: bool, update: bool, momentum: float,
+                eps: float):  # x (N, C); alpha and the running estimates (C,)
+        if batch_stats:  # z with the batch's mean and biased variance; running estimates updated if asked
+            z, mean, invstd = torch.native_batch_norm(
+                x, None, None, running_mean if update else None, running_var if update else None, True, momentum, eps
+            )  # (N, C), (C,), (C,)
+        elif running_mean is None:  # one row in training: batch statistics would normalise it to 0
+            mean = invstd = x.new_zeros(x.shape[1])  # (C,)
+            z = torch.zeros_like(x)  # (N, C)
+        else:
+            mean, invstd = running_mean.float(), torch.rsqrt(running_var.float() + eps)  # (C,)
+            z = torch.addcmul(-mean * invstd, x, invstd)  # (N, C)
         ctx.batch_stats = batch_stats
         ctx.save_for_backward(x, alpha, mean, invstd)
-        p = torch.sigmoid((x - mean) * invstd)  # (N, C)
-        return x * torch.addcmul(alpha, p, 1.0 - alpha)  # (N, C)
+        return z.sigmoid_().mul_(1.0 - alpha).add_(alpha).mul_(x)  # (N, C) s * gate
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # grad (N, C)
         x, alpha, mean, invstd = ctx.saved_tensors
-        z = (x - mean) * invstd  # (N, C)
-        p = torch.sigmoid(z)  # (N, C)
-        gx = grad * x  # (N, C) dL/d(gate)
-        grad_alpha = (gx - gx * p).sum(0)  # (C,) sum of dL/d(gate) * (1 - p)
-        grad_x = grad * torch.addcmul(alpha, p, 1.0 - alpha)  # (N, C) through the gate's factor s
-        grad_z = gx.mul_(p).mul_(1.0 - p).mul_(1.0 - alpha)  # (N, C) dL/dz = dL/dgate (1 - alpha) p (1 - p)
-        del p
-        if ctx.batch_stats:  # z = (s - mean(s)) / std(s): batch_norm's backward without its affine part
-            grad_z = grad_z - grad_z.mean(0) - z * (grad_z * z).mean(0)  # (N, C)
-        return grad_x.addcmul_(grad_z, invstd), grad_alpha, None, None, None
+        rows = x.shape[0]
+        shift = -mean * invstd  # (C,) z = s * invstd + shift
+        blocks = [slice(start, start + CHUNK_ROWS) for start in range(0, rows, CHUNK_ROWS)]
+
+        def block(b: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            z = torch.addcmul(shift, x[b], invstd)  # (n, C)
+            p = torch.sigmoid(z)  # (n, C)
+            grad_gate = grad[b] * x[b]  # (n, C) dL/dgate
+            t = grad_gate * p  # (n, C)
+            t = torch.addcmul(t, t, p, value=-1.0)  # (n, C) dL/dgate p (1 - p) = dL/dz / (1 - alpha)
+            return z, p, grad_gate, t
+
+        grad_alpha, sum_t, sum_tz = (torch.zeros_like(alpha) for _ in range(3))  # (C,) each
+        if ctx.batch_stats:  # pass 1: the per-channel sums of dL/dz and dL/dz * z
+            for b in blocks:
+                z, p, grad_gate, t = block(b)
+                sum_t += t.sum(0)
+                sum_tz += t.mul_(z).sum(0)
+        scale = (1.0 - alpha) * invstd  # (C,) dz/ds * dL/dz / dL/dgate p (1 - p)
+        # batch_norm's backward without its affine part: dL/ds += invstd (dL/dz - mean(dL/dz) - z mean(dL/dz z))
+        coef_z, const = -scale * sum_tz / rows, -scale * sum_t / rows  # (C,) both 0 without batch statistics
+        grad_x = torch.empty_like(x)  # (N, C)
+        for b in blocks:  # pass 2 (the only one without batch statistics)
+            z, p, grad_gate, t = block(b)
+            grad_alpha += grad_gate.sum(0) - (grad_gate * p).sum(0)  # dL/dgate (1 - p)
+            direct = torch.addcmul(alpha, p, 1.0 - alpha).mul_(grad[b])  # (n, C) dL/ds with the gate held
+            grad_x[b] = direct.addcmul_(t, scale).addcmul_(z, coef_z).add_(const)
+        return grad_x, grad_alpha, None, None, None, None, None, None
 
 
 class Dice(nn.Module):
     """DIN's Dice activation; input ``(N, C)`` or ``(..., C)`` -> same shape.
 
-    The forward keeps only its input for the backward, which recomputes the gate (a custom autograd
-    function: over N = 262k events and 80 channels that is 168 MB less than autograd's chain).
+    ``lean=True`` keeps only the input for the backward, which recomputes the gate (``_DiceFunction``):
+    two ``(N, C)`` tensors less, but on CPU a slower step (``benchmarks/sequence_memory.py``:
+    ~0.6x the speed of autograd's chain, the default), so it is the memory-first choice.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-8, momentum: float = 0.1) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-8, momentum: float = 0.1, lean: bool = False) -> None:
         super().__init__()
         if num_features <= 0:
             raise ValueError(f"Dice: num_features must be positive, got {num_features}")
         self.num_features = num_features
+        self.lean = lean
         self.eps = eps
         self.momentum = momentum
         self.update_running_stats = True  # off while a checkpointed forward is recomputed
@@ -80,34 +118,30 @@ class Dice(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
-    def _statistics(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Mean and 1/sqrt(Var + eps) per channel ``(C,)``, and whether they are the batch's own."""
-        if not self.training:
-            return self.running_mean, torch.rsqrt(self.running_var + self.eps), False
-        rows = flat.shape[0]
-        if rows <= 1:
-            # batch_norm refuses one row; its batch statistics would normalise it to 0 anyway.
-            zeros = flat.new_zeros(self.num_features)
-            return zeros, zeros, False
-        with torch.no_grad():
-            var, mean = torch.var_mean(flat, dim=0, correction=0)  # (C,) biased, as batch_norm normalises
-            if self.update_running_stats:  # as BatchNorm: momentum, unbiased variance
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * (rows / (rows - 1)), self.momentum)
-        return mean, torch.rsqrt(var + self.eps), True
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.num_features:
             raise ValueError(f"Dice: expected {self.num_features} channels in the last dimension, got {x.shape}")
         flat = x.reshape(-1, self.num_features)  # (N, C)
         if flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()  # statistics in float32 under autocast
-        mean, invstd, batch_stats = self._statistics(flat)  # (C,) each
-        out = _DiceFunction.apply(flat, self.alpha.float(), mean.float(), invstd.float(), batch_stats)  # (N, C)
+        batch_stats = self.training and flat.shape[0] > 1  # batch_norm refuses one row
+        running = (None, None) if self.training and not batch_stats else (self.running_mean, self.running_var)
+        if self.lean:
+            out = _DiceFunction.apply(flat, self.alpha.float(), *running, batch_stats,
+                                      self.update_running_stats, self.momentum, self.eps)  # (N, C)
+            return out.reshape(x.shape).to(x.dtype)
+        if not batch_stats and self.training:  # one row: its batch statistics would normalise it to 0
+            z = torch.zeros_like(flat)  # (N, C)
+        else:  # (s - E[s]) / sqrt(Var[s] + eps); running estimates updated as BatchNorm does them
+            update = self.update_running_stats or not self.training
+            z = nn.functional.batch_norm(flat, *(running if update else (None, None)), training=self.training,
+                                         momentum=self.momentum, eps=self.eps)  # (N, C)
+        p = torch.sigmoid(z)  # (N, C)
+        out = flat * (self.alpha + p * (1.0 - self.alpha))  # (N, C) = p*s + (1-p)*alpha*s
         return out.reshape(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, lean={self.lean}"
 
 
 @contextmanager
