@@ -150,6 +150,8 @@ def build(args: argparse.Namespace, device: torch.device):
 
 def step(path: str, embeddings, attention, batch, max_len: int) -> torch.Tensor:
     """Forward and backward of one path; returns the interest ``(B, D)``."""
+    # lean Dice layers (and, in the layer itself, the checkpoint) for the forward and the backward
+    attention.recompute = path in ("padded_dice", "jagged_prev_dice", "jagged_recompute")
     out = embeddings(batch)
     query = out.pooled["item_id"]  # (B, D)
     history = out.sequences["hist_item_id"]
@@ -157,9 +159,7 @@ def step(path: str, embeddings, attention, batch, max_len: int) -> torch.Tensor:
         keys = torch.ops.fbgemm.jagged_to_padded_dense(history.values, [history.offsets], [max_len], 0.0)  # (B, L, D)
         mask = torch.arange(max_len, device=keys.device).unsqueeze(0) < history.lengths.unsqueeze(1)  # (B, L)
         mlp = OldMLP(attention.mlp) if path == "padded" else attention.mlp
-        attention.recompute = path == "padded_dice"  # its Dice layers lean (the checkpoint is not used here)
         interest = OldTargetAttention(mlp)(query, keys, mask)  # (B, D)
-        attention.recompute = False
     elif path == "jagged_concat":
         rows = history.rows  # (N,)
         q, k = query.index_select(0, rows), history.values  # (N, D)
@@ -173,14 +173,10 @@ def step(path: str, embeddings, attention, batch, max_len: int) -> torch.Tensor:
         hidden = per_row.index_select(0, rows) + torch.nn.functional.linear(k, w_k - w_d)  # (N, H)
         hidden = hidden + torch.nn.functional.linear(q * k, w_p)  # (N, H)
         rest = attention.mlp.layers[1:]
-        attention.recompute = path == "jagged_prev_dice"  # its Dice layers lean (the checkpoint is not used here)
         w = (old_layers(rest, hidden) if path == "jagged_prev" else rest(hidden)).squeeze(1)  # (N,)
-        attention.recompute = False
         interest = torch.zeros_like(query).index_add(0, rows, w.unsqueeze(1) * k)  # (B, D)
     elif path == "jagged_recompute":
-        attention.recompute = True
         interest = attention(query, history.values, history.offsets)  # (B, D)
-        attention.recompute = False
     elif path == "padded_mean":  # the old collection and EmbeddedFeatures.mean_pooled
         keys = torch.ops.fbgemm.jagged_to_padded_dense(history.values, [history.offsets], [max_len], 0.0)  # (B, L, D)
         interest = keys.sum(dim=1) / history.lengths.clamp(min=1).unsqueeze(1).to(keys.dtype)  # (B, D)
@@ -189,6 +185,7 @@ def step(path: str, embeddings, attention, batch, max_len: int) -> torch.Tensor:
     else:
         interest = attention(query, history.values, history.offsets)  # (B, D)
     (interest * torch.linspace(-1.0, 1.0, interest.shape[1], device=interest.device)).sum().backward()
+    attention.recompute = False
     return interest
 
 

@@ -305,7 +305,7 @@ def _padded_from_events(events: torch.Tensor, lengths: list[int], length: int) -
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize(("recompute", "chunk"), [(False, None), (True, None), (False, 2), (True, 4)])
+@pytest.mark.parametrize(("recompute", "chunk"), [(False, None), (True, None), (True, 2), (True, 4)])
 @pytest.mark.parametrize("softmax", [False, True])
 @pytest.mark.parametrize("activation", ["dice", "prelu"])
 def test_target_attention_gradients_equal_per_position_reference(softmax, activation, recompute, chunk, monkeypatch):

@@ -59,19 +59,21 @@ class _FirstLayer(torch.autograd.Function):
     """``h_t = ((W_q + W_d) q_b + c) + (W_k - W_d) k_t + W_p (q_b ⊙ k_t)`` for every event t of row b,
     ``(N, H)``, keeping only the inputs for the backward (which gathers ``q_b`` and recomputes
     ``q_b ⊙ k_t``); the weight's gradient is assembled for ``W = [W_q W_k W_d W_p]``. Per-event
-    temporaries are made over blocks of ``CHUNK_ROWS`` events, never for all N at once."""
+    temporaries are made over blocks of ``block`` events (all N at once unless memory comes first: on a
+    loaded CPU many small blocks cost more time than they save)."""
 
     @staticmethod
-    def forward(ctx, query, keys, weight, bias, offsets, rows):  # (B, D), (N, D), (H, 4D), (H,), (B+1,), (N,)
+    def forward(ctx, query, keys, weight, bias, offsets, rows, block: int):  # (B, D), (N, D), (H, 4D), (H,), ...
         dtype = _compute_dtype(keys.device, keys.dtype)
+        ctx.block = block
         ctx.save_for_backward(query, keys, weight, offsets, rows)
         ctx.dtype = dtype
         with torch.autocast(keys.device.type, enabled=False):
             query, keys, weight, bias = (t.to(dtype) for t in (query, keys, weight, bias))
             w_q, w_k, w_d, w_p = weight.split(query.shape[1], dim=1)  # each (H, D)
             out = torch.addmm(bias, query, (w_q + w_d).t()).index_select(0, rows)  # (N, H) the per-row part
-            for start in range(0, keys.shape[0], CHUNK_ROWS):
-                b = slice(start, start + CHUNK_ROWS)
+            for start in range(0, keys.shape[0], ctx.block):
+                b = slice(start, start + ctx.block)
                 q_k = query.index_select(0, rows[b]).mul_(keys[b])  # (n, D) q_b ⊙ k_t
                 out[b].addmm_(keys[b], (w_k - w_d).t()).addmm_(q_k, w_p.t())  # (n, H)
             return out
@@ -88,19 +90,19 @@ class _FirstLayer(torch.autograd.Function):
             grad_query = per_row @ (w_q + w_d)  # (B, D)
             grad_keys = torch.empty_like(keys)  # (N, D)
             grad_w_p = weight.new_zeros(w_p.shape)  # (H, D)
-            for start in range(0, keys.shape[0], CHUNK_ROWS):
-                b = slice(start, start + CHUNK_ROWS)
+            for start in range(0, keys.shape[0], ctx.block):
+                b = slice(start, start + ctx.block)
                 q = query.index_select(0, rows[b])  # (n, D)
                 grad_qk = grad[b] @ w_p  # (n, D) dL/d(q ⊙ k)
                 torch.mm(grad[b], w_k - w_d, out=grad_keys[b]).addcmul_(grad_qk, q)  # (n, D)
                 grad_w_p.addmm_(grad[b].t(), q.mul_(keys[b]))  # q is q ⊙ k from here on
-                local = offsets.clamp(start, start + CHUNK_ROWS) - start  # (B+1,) this block's part of each row
+                local = offsets.clamp(start, start + ctx.block) - start  # (B+1,) this block's part of each row
                 grad_query += torch.segment_reduce(grad_qk.mul_(keys[b]), "sum", offsets=local, axis=0)  # (B, D)
             grad_c, grad_a = per_row.t() @ query, grad.t() @ keys  # (H, D) for W_q + W_d and W_k - W_d
             grad_weight = torch.cat([grad_c, grad_a, grad_c - grad_a, grad_w_p], dim=1)  # (H, 4D)
             grad_bias = per_row.sum(0)  # (H,)
         return (grad_query.to(dtypes[0]), grad_keys.to(dtypes[1]), grad_weight.to(dtypes[2]),
-                grad_bias.to(dtypes[2]), None, None)
+                grad_bias.to(dtypes[2]), None, None, None)
 
 
 class TargetAttention(nn.Module):
@@ -179,7 +181,8 @@ class TargetAttention(nn.Module):
     def _weights(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor,
                  rows: torch.Tensor) -> torch.Tensor:
         first = self.mlp.layers[0]
-        hidden = _FirstLayer.apply(query, keys, first.weight, first.bias, offsets, rows)  # (N, H)
+        block = CHUNK_ROWS if self.recompute else max(keys.shape[0], 1)
+        hidden = _FirstLayer.apply(query, keys, first.weight, first.bias, offsets, rows, block)  # (N, H)
         scores = self._rest(hidden).squeeze(1)  # (N,)
         if self.softmax:
             scores = segment_softmax(scores.float(), offsets, rows)  # (N,)
