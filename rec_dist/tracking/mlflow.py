@@ -49,6 +49,14 @@ class MLflowLogger(MLFlowLogger):
             run_id=run_id,
         )
 
+    def finalize(self, status: str = "success") -> None:
+        """As Lightning's, except that a failure never overwrites a run something else already ended: a
+        Tune trial the scheduler stopped is marked KILLED by the study, and its workers, interrupted while
+        being stopped, must not turn it into FAILED afterwards."""
+        if status == "failed" and self._initialized and not run_is_running(self.experiment, self.run_id):
+            return
+        super().finalize(status)
+
     @property
     def save_dir(self) -> str | None:
         """Checkpoints go to ``<checkpoint_dir>/<experiment id>/<run id>/checkpoints``.
@@ -98,3 +106,8 @@ class LogConfigToMLflow(SaveConfigCallback):
                 path = Path(tmp) / "config.yaml"
                 path.write_text(text)
                 logger.experiment.log_artifact(logger.run_id, str(path))
+
+
+def run_is_running(client, run_id: str) -> bool:
+    """Whether the MLflow run ``run_id`` is still RUNNING (so a FAILED status may be written)."""
+    return client.get_run(run_id).info.status == "RUNNING"

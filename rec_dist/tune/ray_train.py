@@ -186,9 +186,16 @@ def run_on_ray(config: str, cli_args: Sequence[str], settings: RayTrainSettings,
 
 
 def _terminate(tracking_uri: str, run_id: str, status: str) -> None:
+    """End the run with ``status``; FAILED only while it is still RUNNING (a Tune trial the scheduler
+    stopped is already KILLED by the study when its interrupted driver gets here)."""
     from mlflow import MlflowClient
 
-    MlflowClient(tracking_uri).set_terminated(run_id, status)
+    from rec_dist.tracking.mlflow import run_is_running
+
+    client = MlflowClient(tracking_uri)
+    if status == "FAILED" and not run_is_running(client, run_id):
+        return
+    client.set_terminated(run_id, status)
 
 
 # ---- worker side ---------------------------------------------------------------------------------
