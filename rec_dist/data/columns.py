@@ -220,6 +220,24 @@ class ColumnChunk:
 
 
 # ---- column checks --------------------------------------------------------------------
+def sort_by_unique_key(
+    table: pa.Table, key: str, source: str, what: str = "column", noun: str = "values"
+) -> tuple[np.ndarray, pa.Table]:
+    """``(keys, table)`` sorted by the integer column ``key``, which must hold each value once (an item
+    table's item ids, a history table's users); errors name ``source``, ``what`` the column is and the key."""
+    column = table.column(key)
+    if not pa.types.is_integer(column.type) or column.null_count:
+        raise DataError(f"{source}: {what} {key!r} must be integers without nulls, got {column.type}"
+                        f"{f' with {column.null_count} nulls' if column.null_count else ''}")
+    raw = column.to_numpy().astype(np.int64, copy=False)
+    order = np.argsort(raw, kind="stable")
+    keys = raw[order]
+    repeats = keys[1:][keys[1:] == keys[:-1]]
+    if len(repeats):
+        raise DataError(f"{source}: {what} {key!r} repeats {noun}, e.g. {int(repeats[0])} ({len(repeats)} repeats)")
+    return keys, table.take(pa.array(order))
+
+
 def _column(table: pa.Table, name: str, what: str, source: str) -> pa.ChunkedArray:
     if name not in table.column_names:
         raise DataError(

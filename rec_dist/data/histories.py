@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rec_dist.data.columns import Jagged, check_ids, list_column
+from rec_dist.data.columns import Jagged, check_ids, list_column, sort_by_unique_key
 from rec_dist.data.schema import Schema
 from rec_dist.errors import DataError, SchemaError
 
@@ -131,13 +131,7 @@ class HistoryTable:
             raise DataError(f"{path}: history table lacks column(s) {missing}; columns present: "
                             f"{sorted(pf.schema_arrow.names)}")
         table = pf.read(columns=[spec.user_column, *lists])
-        users = _integers(table, spec.user_column, str(path))
-        order = np.argsort(users, kind="stable")
-        users = users[order]
-        dup = users[1:][users[1:] == users[:-1]]
-        if len(dup):
-            raise DataError(f"{path}: column {spec.user_column!r} repeats users, e.g. {int(dup[0])}")
-        table = table.take(pa.array(order))
+        users, table = sort_by_unique_key(table, spec.user_column, str(path), "column", "users")
         offsets, values = None, {}
         for name in lists:
             jagged = list_column(table.column(name), name, "per-event history column", str(path))

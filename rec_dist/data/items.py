@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rec_dist.data.batch import Batch
-from rec_dist.data.columns import ColumnChunk, Jagged
+from rec_dist.data.columns import ColumnChunk, Jagged, sort_by_unique_key
 from rec_dist.data.schema import Schema
 from rec_dist.errors import DataError
 
@@ -66,16 +66,7 @@ class ItemTable:
                 f"'item' group); columns present: {sorted(pf.schema_arrow.names)}"
             )
         table = pf.read(columns=wanted)
-        column = table.column(key)
-        if not pa.types.is_integer(column.type) or column.null_count:
-            raise DataError(f"{path}: item id column {key!r} must be integers without nulls, got {column.type}")
-        raw_ids = column.to_numpy().astype(np.int64)
-        order = np.argsort(raw_ids, kind="stable")
-        ids = raw_ids[order]
-        dup = ids[1:][ids[1:] == ids[:-1]]
-        if len(dup):
-            raise DataError(f"{path}: item id column {key!r} repeats ids, e.g. {int(dup[0])} ({len(dup)} repeats)")
-        table = table.take(pa.array(order))
+        ids, table = sort_by_unique_key(table, key, str(path), "item id column", "ids")
         chunk = ColumnChunk.from_arrow(table, schema, source, labels=False, features=features)
         return cls(schema, ids, chunk, source)
 
