@@ -26,11 +26,11 @@ the user's earlier items excluded, Recall / NDCG / MRR @K.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.errors import ConfigError
+from rec_dist.losses.sampled_softmax import sampled_softmax_loss
 from rec_dist.models.protocols import query_vectors
 from rec_dist.tasks.base import ModelFactory
 from rec_dist.tasks.retrieval import RetrievalTask
@@ -93,8 +93,7 @@ class NextItemTask(RetrievalTask):
             trained = states.values[states.offsets[1:][states.lengths > 0] - 1]  # (T, d) each row's last state
         else:
             trained = states.values  # (T, d) = (E, d)
-        logits = trained @ items.T / self.temperature  # (T, U)
-        loss = F.cross_entropy(logits, labels)
+        loss = sampled_softmax_loss(trained, items, labels, temperature=self.temperature)  # over (T, U) logits
         self.log_train_loss(loss, batch.batch_size)
         return loss
 

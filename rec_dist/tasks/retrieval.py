@@ -158,8 +158,6 @@ class RetrievalTask(RecTask):
     # ---- evaluation ------------------------------------------------------------------------------
     def _eval_step(self, batch: Batch, stage: str) -> None:
         assert self._corpus is not None, "the corpus is encoded at the start of each evaluation stage"
-        if batch.batch_size == 0 and self.retrieval_model() is self.model:
-            return  # a rank's padding batch; unsharded lookups cannot take 0 rows (sharded ones must run)
         ids, vectors = self._corpus
         query = self.query_vectors(batch)  # (B, d) or (B, K, d)
         targets = batch.ids(self.item_column)  # (B,)
