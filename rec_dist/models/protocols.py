@@ -12,6 +12,12 @@ items, d the vector width, K interests, E events in a batch's sequences.
     model = Model(schema, tasks, **init_args)
     model(batch) -> {task: logits (B,)}            # one logit (or regression output) per task
 
+A ranker with a training-only objective of its own (DIEN's auxiliary
+next-behaviour loss) adds it in training mode as one more entry,
+``{AUXILIARY_LOSS: scalar}``, already weighted; the task adds it to its
+loss and logs it as ``train/auxiliary_loss``. Out of training the key is
+absent, so scoring code never sees it.
+
 **Retrieval** (``RetrievalTask``)::
 
     model = Model(schema, **init_args)
@@ -55,6 +61,7 @@ from rec_dist.data.batch import Batch
 from rec_dist.errors import ConfigError
 
 KINDS = ("ranking", "retrieval", "next_item")
+AUXILIARY_LOSS = "auxiliary_loss"  # a ranker's extra training loss, beside its task logits (module docstring)
 
 
 @runtime_checkable

@@ -13,7 +13,7 @@ from rec_dist.data.schema import Schema
 from rec_dist.errors import ConfigError
 from rec_dist.losses import pointwise_loss
 from rec_dist.metrics.gauc import GroupAUC
-from rec_dist.models.protocols import check_protocol
+from rec_dist.models.protocols import AUXILIARY_LOSS, check_protocol
 from rec_dist.tasks.base import STAGES, RankingModelFactory, RecTask
 
 __all__ = ["STAGES", "EvalMetrics", "LogLoss", "LogitAUROC", "LogitGroupAUC", "RankingTask", "id_columns",
@@ -116,8 +116,17 @@ class RankingTask(RecTask):
         return self.model(batch)[self.label]
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = pointwise_loss("bce", self(batch), batch.labels[self.label])
+        """BCE on the label, plus the model's own auxiliary loss when it returns one (``AUXILIARY_LOSS``,
+        e.g. DIEN's next-behaviour loss): ``train/loss`` stays the BCE, comparable across models, and the
+        auxiliary term is logged as ``train/auxiliary_loss``."""
+        outputs = self.model(batch)
+        loss = pointwise_loss("bce", outputs[self.label], batch.labels[self.label])
         self.log_train_loss(loss, batch.batch_size)
+        auxiliary = outputs.get(AUXILIARY_LOSS)
+        if auxiliary is not None:
+            self.log("train/auxiliary_loss", auxiliary, on_step=True, on_epoch=True, batch_size=batch.batch_size,
+                     sync_dist=self.synced)
+            loss = loss + auxiliary
         return loss
 
     def _eval_step(self, batch: Batch, stage: str) -> None:
