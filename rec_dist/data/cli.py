@@ -15,9 +15,11 @@ def prepare(dataset: str, data_dir: str = "data", source_dir: str | None = None,
 
     Args:
         dataset: name of the dataset; one of: movielens-100k, movielens-100k-mt (multi-task click / like
-            exposures built from movielens-100k; see rec_dist.data.movielens_multitask).
+            exposures built from movielens-100k; see rec_dist.data.movielens_multitask), amazon-beauty
+            (leave-one-out; see rec_dist.data.amazon_beauty).
         data_dir: cache directory the prepared dataset is written to.
-        source_dir: a local directory holding the raw files (tried first).
+        source_dir: a local directory holding the raw files (tried first; amazon-beauty: the directory
+            of beauty.txt, default ../shared/datasets/amazon-beauty).
         force: prepare again even if the output exists.
     """
     if dataset == "movielens-100k-mt":
@@ -26,8 +28,14 @@ def prepare(dataset: str, data_dir: str = "data", source_dir: str | None = None,
         out = prepare_movielens_100k_multitask(data_dir, source_dir=source_dir, force=force)
         print(f"prepared {dataset} in {out}")
         return
+    if dataset == "amazon-beauty":
+        from rec_dist.data.amazon_beauty import DEFAULT_SOURCE_DIR, prepare_amazon_beauty
+
+        out = prepare_amazon_beauty(data_dir, source_dir or DEFAULT_SOURCE_DIR, force=force)
+        print(f"prepared {dataset} in {out}")
+        return
     if dataset != "movielens-100k":
-        raise RecDistError(f"unknown dataset {dataset!r}; known: movielens-100k, movielens-100k-mt")
+        raise RecDistError(f"unknown dataset {dataset!r}; known: movielens-100k, movielens-100k-mt, amazon-beauty")
     from rec_dist.data.movielens import prepare_movielens_100k
 
     out = prepare_movielens_100k(data_dir, source_dir=source_dir, force=force)
