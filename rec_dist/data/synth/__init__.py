@@ -42,7 +42,9 @@ Planted rules (coefficients in ``COEFFICIENTS`` and in ``truth.json``):
   stored_once`` writes each log once (``histories.parquet``, the schema's
   ``histories`` block) and rows that carry ``history_end`` instead of lists;
   ``row_copy`` copies the last ``seq_len`` events into each row. Both layouts
-  give the same batches.
+  give the same batches. ``long_range_config(L)`` is the long-sequence data
+  (issue 12): every regular log ``L/2 .. L`` events, rows that see at least 3/4
+  of it, so the old interest lies thousands of events back at L = 10,000.
 * Click. ``P(click) = sigmoid(logit)`` with, for regular users,
   ``-2.5 + 2.5*[category == preferred] + 2.0*[category == old interest]
   - 0.4*item_price + 0.3*user_age_norm`` and, for new users (who ignore
@@ -55,7 +57,7 @@ Planted rules (coefficients in ``COEFFICIENTS`` and in ``truth.json``):
   exponential bounce with probability 0.3, else 0.
 """
 
-from rec_dist.data.synth.config import COEFFICIENTS, SynthConfig
+from rec_dist.data.synth.config import COEFFICIENTS, LONG_RANGE_LENGTHS, SynthConfig, long_range_config
 from rec_dist.data.synth.config import NEW as NEW
 from rec_dist.data.synth.config import REGULAR as REGULAR
 from rec_dist.data.synth.random import _zipf_rank as _zipf_rank
@@ -77,6 +79,8 @@ from rec_dist.data.synth.writer import synthesize
 __all__ = [
     "COEFFICIENTS",
     "SynthConfig",
+    "LONG_RANGE_LENGTHS",
+    "long_range_config",
     "synthesize",
     "generate_rows",
     "click_probability",

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from rec_dist.data.synth.config import COEFFICIENTS, NEW, SynthConfig
+from rec_dist.data.synth.config import NEW, SynthConfig
 from rec_dist.data.synth.random import (
     S_AGE_1,
     S_AGE_2,
@@ -38,7 +38,7 @@ class _Model:
     def __init__(self, config: SynthConfig, coefficients: Mapping[str, Any] | None = None) -> None:
         config.validate()
         self.cfg = config
-        self.coef = coefficients or COEFFICIENTS
+        self.coef = coefficients or config.coefficients()
         self.rng = _Rng(config.seed)
         self.user_perm = _Perm.make(config.num_users, self.rng, S_PERM_USER)
         self.item_perm = _Perm.make(config.num_items, self.rng, S_PERM_ITEM)

@@ -1,11 +1,13 @@
 """Per-user event logs (``user_history_len > 0``): each user has one history, rows point into it.
 
 User ``u`` has a log of ``H(u)`` events, oldest first: regular users ``H`` log-uniform on
-``[1, user_history_len]`` (skewed: mean about ``user_history_len / ln(user_history_len)``), new users
+``[1, user_history_len]`` (skewed: mean about ``user_history_len / ln(user_history_len)``; or, with
+``user_log_lengths: uniform``, uniform on ``[ceil(user_history_len / 2), user_history_len]``), new users
 uniform on ``[0, max(1, floor(user_history_len * new_max_len_fraction))]``. Event ``p`` of user ``u``
 is a pure function of ``(seed, u, p)``, drawn by the same rules as the per-row histories (the old-interest
 zone is the oldest ``ceil(old_zone_fraction * H(u))`` events). A row's ``history_end`` is uniform on
-``[0, H(u)]``: the row sees the user's first ``history_end`` events (the last ``seq_len`` of them).
+``[ceil(history_end_min_fraction * H(u)), H(u)]``: the row sees the user's first ``history_end`` events
+(the last ``seq_len`` of them).
 Because an event does not depend on the row that shows it, the row-copy and the stored-once layouts
 hold the same sequences.
 """
@@ -24,16 +26,22 @@ def log_lengths(m: _Model, user_id: np.ndarray, is_new: np.ndarray) -> np.ndarra
     """``H(u)``: the number of events in each user's log."""
     cap = m.cfg.user_history_len
     u = m.rng.uniform(user_id, S_ULEN)
-    regular = np.clip(np.floor(np.exp(u * math.log(cap + 1))), 1, cap).astype(np.int64)
+    if m.cfg.user_log_lengths == "uniform":
+        low = min(cap, max(1, math.ceil(cap * m.coef["history"]["regular_min_len_fraction"])))
+        regular = low + np.minimum(np.floor(u * (cap - low + 1)).astype(np.int64), cap - low)
+    else:
+        regular = np.clip(np.floor(np.exp(u * math.log(cap + 1))), 1, cap).astype(np.int64)
     new_max = min(cap, max(1, int(cap * m.coef["history"]["new_max_len_fraction"])))
     new = np.minimum(np.floor(u * (new_max + 1)).astype(np.int64), new_max)
     return np.where(is_new, new, regular)
 
 
 def history_end(m: _Model, rows: np.ndarray, user_id: np.ndarray, is_new: np.ndarray) -> np.ndarray:
-    """Each row's history end: uniform on ``[0, H(user)]``."""
+    """Each row's history end: uniform on ``[ceil(f * H(user)), H(user)]``, f = ``history_end_min_fraction``."""
     length = log_lengths(m, user_id, is_new)
-    return np.minimum(np.floor(m.rng.uniform(rows, S_END) * (length + 1)).astype(np.int64), length)
+    low = np.ceil(length * m.cfg.history_end_min_fraction).astype(np.int64)
+    span = length - low + 1
+    return low + np.minimum(np.floor(m.rng.uniform(rows, S_END) * span).astype(np.int64), span - 1)
 
 
 def log_events(m: _Model, user_id: np.ndarray, prof: dict[str, np.ndarray], starts: np.ndarray,

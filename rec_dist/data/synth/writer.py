@@ -161,8 +161,10 @@ RULES = [
     "log-uniform on [1, user_history_len], new users uniform on [0, max(1, floor(user_history_len * "
     "new_max_len_fraction))]; event p of u is drawn by the history rules above from a hash of (seed, u, p) "
     "(old-interest zone: the oldest ceil(old_zone_fraction * H(u)) events); a row's history_end is uniform on "
-    "[0, H(u)] and its history is the last seq_len events before it. history_layout stored_once writes "
-    "each log once to histories.parquet and only history_end to the rows.",
+    "[ceil(history_end_min_fraction * H(u)), H(u)] and its history is the last seq_len events before it. "
+    "user_log_lengths uniform: regular H uniform on [ceil(user_history_len*regular_min_len_fraction), "
+    "user_history_len] instead. history_layout stored_once writes each log once to histories.parquet and only "
+    "history_end to the rows.",
     "watch_time: if click exp(click_log_mean + preferred_category*[preferred] + like*like "
     "+ log_sigma*N(0,1)); "
     "otherwise an exponential(bounce_mean) bounce w.p. p_bounce, else 0.",
