@@ -27,6 +27,7 @@ from rec_dist.data.schema import Schema
 from rec_dist.embedding.collection import FeatureEmbeddings
 from rec_dist.embedding.jagged import JaggedSequence
 from rec_dist.errors import ConfigError
+from rec_dist.models.sequential import resolve_sequence_inputs
 
 
 class GRU4Rec(nn.Module):
@@ -54,22 +55,10 @@ class GRU4Rec(nn.Module):
     ) -> None:
         super().__init__()
         self.schema = schema
-        self.sequence_feature = sequence_feature or _default_sequence(schema)
-        self.item_feature = item_feature or schema.extra.get("item_column") or ""
-        for knob, name, kinds in (("sequence_feature", self.sequence_feature, ("sequence",)),
-                                  ("item_feature", self.item_feature, ("sparse",))):
-            if name not in schema.features or schema.features[name].kind not in kinds:
-                raise ConfigError(f"GRU4Rec: {knob} {name!r} must name a {kinds[0]} feature of schema {schema.name!r}")
-        seq_table, item_table = schema.features[self.sequence_feature].table, schema.features[self.item_feature].table
-        if seq_table != item_table:
-            raise ConfigError(
-                f"GRU4Rec: sequence_feature {self.sequence_feature!r} (table {seq_table!r}) and item_feature "
-                f"{self.item_feature!r} (table {item_table!r}) must read one table: events and scored items "
-                f"share their embeddings"
-            )
+        inputs = resolve_sequence_inputs(schema, "GRU4Rec", sequence_feature, item_feature)
+        self.sequence_feature, self.item_feature, dim = inputs.sequence_feature, inputs.item_feature, inputs.dim
         if hidden <= 0 or num_layers <= 0:
             raise ConfigError(f"GRU4Rec: hidden and num_layers must be positive, got {hidden}, {num_layers}")
-        dim = schema.tables[seq_table].embedding_dim  # type: ignore[index]
         self.input_features = (self.sequence_feature, self.item_feature)
         self.embeddings = FeatureEmbeddings(schema, features=self.input_features)
         self.dropout = nn.Dropout(dropout)
@@ -95,12 +84,3 @@ class GRU4Rec(nn.Module):
     def encode_item(self, item_batch: Batch) -> torch.Tensor:
         return self.embeddings(item_batch, complete=True).pooled[self.item_feature]  # (N, D)
 
-
-def _default_sequence(schema: Schema) -> str:
-    for members in schema.groups.values():
-        if schema.features[members[0]].kind == "sequence":
-            return members[0]
-    sequences = [f.name for f in schema.of_kind("sequence")]
-    if len(sequences) != 1:
-        raise ConfigError(f"GRU4Rec: set sequence_feature; schema {schema.name!r} has sequences {sequences}")
-    return sequences[0]

@@ -47,6 +47,24 @@ the state at the last event is the query for the row's target item.
 Training calls ``model(batch, item_batch) -> (encode_sequence(batch),
 encode_item(item_batch))`` (DDP, as above).
 
+**Masked item** (``MaskedItemTask``; BERT4Rec's cloze training)::
+
+    model = Model(schema, **init_args)
+    model.encode_tokens(batch, masked) -> JaggedSequence: values (E + B, d), one state per token
+    model.encode_query(batch)      -> (B, d)
+    model.encode_item(item_batch)  -> (N, d)
+    model.sequence_feature
+
+The tokens of a row are its events followed by the row's own item
+(``append_per_row`` in ``rec_dist.models.sequential``); ``masked`` ``(E + B,)``
+says which tokens the model replaces by its [mask] embedding, and the
+state of a masked token is scored against item vectors to recover that
+token's item. The task draws the mask (its probability is a training knob);
+the model only applies it, so a given mask gives a deterministic state.
+``encode_query`` is the state of a [mask] token appended after the row's
+last event (the row's item is never read). Training calls
+``model(batch, item_batch, masked)``.
+
 ``query_vectors(model, batch)`` is what a retrieval or next-item model
 answers for a row outside training (the evaluator, the MLflow pyfunc).
 """
@@ -60,7 +78,7 @@ import torch
 from rec_dist.data.batch import Batch
 from rec_dist.errors import ConfigError
 
-KINDS = ("ranking", "retrieval", "next_item")
+KINDS = ("ranking", "retrieval", "next_item", "masked_item")
 AUXILIARY_LOSS = "auxiliary_loss"  # a ranker's extra training loss, beside its task logits (module docstring)
 
 
@@ -87,10 +105,23 @@ class NextItemModelProtocol(Protocol):
     def encode_item(self, item_batch: Batch) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class MaskedItemModelProtocol(Protocol):
+    sequence_feature: str
+
+    def encode_tokens(self, batch: Batch, masked: torch.Tensor): ...
+
+    def encode_query(self, batch: Batch) -> torch.Tensor: ...
+
+    def encode_item(self, item_batch: Batch) -> torch.Tensor: ...
+
+
 _PROTOCOLS = {
     "ranking": (RankingModelProtocol, "forward(batch) -> {task: logits} and a `tasks` attribute"),
     "retrieval": (RetrievalModelProtocol, "encode_query(batch) and encode_item(item_batch)"),
     "next_item": (NextItemModelProtocol, "encode_sequence(batch), encode_item(item_batch), `sequence_feature`"),
+    "masked_item": (MaskedItemModelProtocol,
+                    "encode_tokens(batch, masked), encode_query(batch), encode_item(item_batch), `sequence_feature`"),
 }
 
 
