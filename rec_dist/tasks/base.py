@@ -152,6 +152,44 @@ class RecTask(ClipsFusedTables):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size,
                  sync_dist=self.synced)
 
+    # ---- a model's own extras (multi-interest retrievers: a regulariser and the interests' similarity) --------
+    def _unwrapped_model(self) -> nn.Module:
+        return getattr(self.model, "module", self.model)  # DistributedModelParallel keeps the model in .module
+
+    def add_auxiliary_losses(self, loss: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """``loss`` plus the model's extra training losses of its last forward, if it has any.
+
+        A model may offer ``auxiliary_losses() -> {name: weighted scalar}`` (a regulariser computed in its
+        forward, so DDP sees it) and ``diagnostics() -> {name: detached scalar}``. Their sum is logged as
+        ``train/auxiliary_loss``; each diagnostic as ``train/<name>``.
+        """
+        extras = getattr(self._unwrapped_model(), "auxiliary_losses", None)
+        losses = extras() if callable(extras) else {}
+        if losses:
+            auxiliary = torch.stack(list(losses.values())).sum()
+            self.log("train/auxiliary_loss", auxiliary, on_step=False, on_epoch=True, batch_size=batch_size,
+                     sync_dist=self.synced)
+            loss = loss + auxiliary
+        self.log_diagnostics("train", batch_size)
+        return loss
+
+    def log_diagnostics(self, stage: str, batch_size: int) -> None:
+        """The model's ``diagnostics()`` of its last batch as ``<stage>/<name>`` (epoch means)."""
+        diagnostics = getattr(self._unwrapped_model(), "diagnostics", None)
+        if not callable(diagnostics) or batch_size == 0:
+            return
+        for name, value in diagnostics().items():
+            self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size,
+                     sync_dist=self.synced)
+
+    def on_validation_batch_end(self, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        super().on_validation_batch_end(outputs, batch, batch_idx, dataloader_idx)
+        self.log_diagnostics("val", int(getattr(batch, "batch_size", 0)))
+
+    def on_test_batch_end(self, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        super().on_test_batch_end(outputs, batch, batch_idx, dataloader_idx)
+        self.log_diagnostics("test", int(getattr(batch, "batch_size", 0)))
+
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self._epoch_samples, self._epoch_start, self._last_batch_end = 0, None, None

@@ -110,6 +110,7 @@ class RetrievalTask(RecTask):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         query, item = self.model(batch)  # (B, d), (B, d)
         loss = in_batch_softmax_loss(query, item, batch.ids(self.item_column), self.temperature)
+        loss = self.add_auxiliary_losses(loss, batch.batch_size)  # a model's regulariser (RecTask)
         self.log_train_loss(loss, batch.batch_size)
         return loss
 
