@@ -1,6 +1,5 @@
 """Models: pure ``nn.Module``s (ranking, retrieval); the protocols are in ``rec_dist.models.protocols``."""
 
-from rec_dist.models.bert4rec import BERT4Rec
 from rec_dist.models.base import FeatureSelection, RankingModel, TaskHead, check_tasks
 from rec_dist.models.bst import BST
 from rec_dist.models.comirec import ComiRecDR, ComiRecSA
@@ -10,7 +9,6 @@ from rec_dist.models.din import DIN
 from rec_dist.models.gru4rec import GRU4Rec
 from rec_dist.models.mind import MIND
 from rec_dist.models.multitask import ESMM, PLE, MMoE, MultiTaskMixin, SharedBottom, ctcvr_logit
-from rec_dist.models.sasrec import SASRec
 from rec_dist.models.two_tower import TwoTower
 
 __all__ = [
@@ -26,8 +24,6 @@ __all__ = [
     "TaskHead",
     "TwoTower",
     "GRU4Rec",
-    "SASRec",
-    "BERT4Rec",
     "check_tasks",
     "ESMM",
     "MMoE",
