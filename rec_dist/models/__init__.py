@@ -6,9 +6,13 @@ from rec_dist.models.comirec import ComiRecDR, ComiRecSA
 from rec_dist.models.dcnv2 import DCNv2
 from rec_dist.models.deepfm import DeepFM
 from rec_dist.models.din import DIN
+from rec_dist.models.eta import ETA
 from rec_dist.models.gru4rec import GRU4Rec
 from rec_dist.models.mind import MIND
 from rec_dist.models.multitask import ESMM, PLE, MMoE, MultiTaskMixin, SharedBottom, ctcvr_logit
+from rec_dist.models.sdim import SDIM
+from rec_dist.models.sim import SIM
+from rec_dist.models.twin import TWIN
 from rec_dist.models.two_tower import TwoTower
 
 __all__ = [
@@ -19,6 +23,10 @@ __all__ = [
     "DCNv2",
     "DIN",
     "DeepFM",
+    "ETA",
+    "SDIM",
+    "SIM",
+    "TWIN",
     "FeatureSelection",
     "RankingModel",
     "TaskHead",
