@@ -37,6 +37,7 @@ def _trainer_defaults() -> dict:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from rec_dist.tracking.plots import RunPlots
+    from rec_dist.tracking.resume import RecordMLflowRun
 
     return {
         "logger": {"class_path": "rec_dist.tracking.mlflow.MLflowLogger"},
@@ -46,6 +47,7 @@ def _trainer_defaults() -> dict:
             # The newest epoch and last.ckpt: a monitored callback rewrites last.ckpt only when it saved a
             # new best (Lightning 2.6), so resuming from it would go back to the best epoch.
             ModelCheckpoint(filename="latest-{epoch}", save_top_k=1, save_last=True),
+            RecordMLflowRun(),  # the run id in every checkpoint: a resumed fit continues the run
         ],
         "max_epochs": 5,
         "log_every_n_steps": 10,
@@ -61,12 +63,12 @@ def build_cli_class():
     from lightning.pytorch.cli import LightningCLI
 
     import rec_dist.distributed.strategy  # noqa: F401  (registers --trainer.strategy torchrec)
-    from rec_dist.tracking.mlflow import LogConfigToMLflow
+    from rec_dist.tracking.resume import ResumingConfigLogger
 
     class RecDistCLI(LightningCLI):
         def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
             super().__init__(
-                save_config_callback=LogConfigToMLflow,
+                save_config_callback=ResumingConfigLogger,
                 save_config_kwargs={"overwrite": True},
                 trainer_defaults=_trainer_defaults(),
                 seed_everything_default=42,
@@ -100,6 +102,12 @@ def build_cli_class():
                 isinstance(c, ProgressBar) for c in callbacks + list(config.get("callbacks") or [])
             ):
                 callbacks = [*callbacks, RichProgressBar()]
+            ckpt_path = self.config.get(self.subcommand, {}).get("ckpt_path") if self.subcommand == "fit" else None
+            if ckpt_path:
+                from rec_dist.tracking.resume import resume_fit
+
+                logger = config.get("logger")
+                resume_fit(ckpt_path, list(logger) if isinstance(logger, list | tuple) else [logger])
             return super()._instantiate_trainer(config, callbacks)
 
         def after_fit(self) -> None:

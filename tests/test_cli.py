@@ -150,17 +150,54 @@ def test_resumed_fit_continues_exactly(tmp_path, synth_dir):
     main([*fit, "full"])
     main([*fit, "part", "--trainer.max_epochs", "2"])
     runs = {r.info.run_name: r for r in _runs(tmp_path)}
+    client = mlflow.MlflowClient()
+    part_steps = {m.step for m in client.get_metric_history(runs["part"].info.run_id, "train/loss_step")}
     (last,) = (tmp_path / "ckpt").rglob(f"{runs['part'].info.run_id}/checkpoints/last.ckpt")
     main([*fit, "resumed", "--ckpt_path", str(last)])
     runs = {r.info.run_name: r for r in _runs(tmp_path)}
-    client = mlflow.MlflowClient()
+    assert set(runs) == {"full", "part"}  # the resumed fit continued the run of its checkpoint
     losses = {name: {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss_step")}
               for name, run in runs.items()}
-    resumed_steps = sorted(losses["resumed"])
-    assert resumed_steps and min(resumed_steps) > max(losses["part"])
-    assert [losses["resumed"][s] for s in resumed_steps] == pytest.approx(
+    resumed_steps = sorted(set(losses["part"]) - part_steps)
+    assert resumed_steps and min(resumed_steps) > max(part_steps)
+    assert [losses["part"][s] for s in resumed_steps] == pytest.approx(
         [losses["full"][s] for s in resumed_steps], rel=1e-5
     )
+
+
+def test_resume_says_what_it_resumed_continues_the_run_and_keeps_the_best(tmp_path, synth_dir, capsys):
+    """lr 0: val AUC never improves after epoch 0. Resuming from last.ckpt (epoch 1) to 4 epochs must say
+    so, log into the same MLflow run and checkpoint folder, and keep epoch 0 as the best: before, the
+    resume started a new run and folder, and "best" became the first resumed epoch (epoch 2)."""
+    config = str(_config(tmp_path, synth_dir, epochs=2))
+    main(["fit", "--config", config, "--test_after_fit", "false", "--model.init_args.optimizer.init_args.lr", "0.0"])
+    (run,) = _runs(tmp_path)
+    ckpt_dir = tmp_path / "ckpt" / run.info.experiment_id / run.info.run_id / "checkpoints"
+    steps_per_epoch = torch.load(ckpt_dir / "last.ckpt", weights_only=False)["global_step"] // 2
+    capsys.readouterr()
+    main(["fit", "--config", config, "--model.init_args.optimizer.init_args.lr", "0.0", "--trainer.max_epochs", "4",
+          "--ckpt_path", str(ckpt_dir / "last.ckpt")])
+    out = capsys.readouterr().out
+    assert (f"resuming from {ckpt_dir / 'last.ckpt'} (saved at epoch 1, global step {2 * steps_per_epoch}): "
+            "training continues with epoch 2") in out
+    assert f"continuing MLflow run {run.info.run_id}" in out
+    (resumed,) = _runs(tmp_path)
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    client = mlflow.MlflowClient()
+    assert len(client.get_metric_history(run.info.run_id, "val/auc")) == 4  # every epoch in one run
+    assert "test/auc" in resumed.data.metrics
+    assert resumed.data.tags["resumed.trainer.max_epochs"] == "4"  # params cannot change: a tag says so
+    assert resumed.data.params["trainer.max_epochs"] == "2"
+    assert sorted(p.name for p in ckpt_dir.glob("best-*")) == ["best-epoch=0.ckpt"]
+    assert f"({ckpt_dir / 'best-epoch=0.ckpt'}); testing it" in out
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["epoch"] == 3
+
+
+def test_resume_from_a_missing_checkpoint_is_one_line(tmp_path, synth_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(_config(tmp_path, synth_dir)), "--ckpt_path", str(tmp_path / "nope.ckpt")])
+    assert exit_info.value.code == 2
+    assert f"--ckpt_path {tmp_path / 'nope.ckpt'}: no such checkpoint" in capsys.readouterr().err
 
 
 def test_last_ckpt_is_the_newest_epoch_even_when_it_is_not_the_best(tmp_path, synth_dir):

@@ -32,8 +32,8 @@ from typing import Any
 import yaml
 
 from rec_dist.tracking.mlflow import default_tracking_uri
+from rec_dist.tune.checkpoints import CHECKPOINT_NAME, lightning_checkpoints, resolve_checkpoint
 
-CHECKPOINT_NAME = "checkpoint.ckpt"  # what RayTrainReportCallback writes inside each Ray checkpoint
 STAGES = ("fit", "validate", "test")
 
 
@@ -59,6 +59,7 @@ class RayRun:
     run_id: str
     tracking_uri: str
     result: Any
+    checkpoint_root: str | None = None  # where the config's ModelCheckpoint callbacks wrote (best, last)
 
 
 def resolve_tracking_uri(flag: str | None, configured: str | None) -> str:
@@ -72,6 +73,20 @@ def absolute_tracking_uri(uri: str) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str(Path(uri[len(prefix):]).resolve())
     return uri
+
+
+def temporary_store_warning(tracking_uri: str, cwd: str) -> str | None:
+    """A warning when a job's SQLite store lies inside Ray's temporary copy of the working directory
+    (``ray job submit --working-dir .`` runs in ``.../runtime_resources/...``: the file would vanish with
+    it); None for a store outside that copy, a server, or a run outside a Ray job."""
+    prefix = "sqlite:///"
+    if "runtime_resources" not in cwd or not tracking_uri.startswith(prefix):
+        return None
+    store = Path(tracking_uri[len(prefix):]).resolve()
+    if not store.is_relative_to(Path(cwd).resolve()):
+        return None
+    return (f"warning: MLflow store {tracking_uri} lies in Ray's temporary copy of the working directory; "
+            "pass --tracking_uri (an http:// server or an absolute sqlite:////path outside it)")
 
 
 def cli_override(cli_args: Sequence[str], key: str) -> str | None:
@@ -136,9 +151,9 @@ def run_on_ray(config: str, cli_args: Sequence[str], settings: RayTrainSettings,
     experiment, configured_name, configured_uri = logger_names(config, cli_args)
     run_name = run_name or configured_name
     tracking_uri = resolve_tracking_uri(settings.tracking_uri, configured_uri)
-    if "runtime_resources" in os.getcwd() and tracking_uri.startswith("sqlite:"):
-        print(f"warning: MLflow store {tracking_uri} lies in Ray's temporary copy of the working directory; "
-              "pass --tracking_uri (an http:// server or an absolute sqlite:////path)", file=sys.stderr)
+    warning = temporary_store_warning(tracking_uri, os.getcwd())
+    if warning:
+        print(warning, file=sys.stderr)
     if run_id is None:
         tags = {"rec_dist.stage": stage, "rec_dist.num_workers": str(settings.num_workers), **settings.tags}
         run_id = create_mlflow_run(tracking_uri, experiment, run_name, parent_run_id, tags)
@@ -182,7 +197,8 @@ def run_on_ray(config: str, cli_args: Sequence[str], settings: RayTrainSettings,
     except Exception:
         _terminate(tracking_uri, run_id, "FAILED")
         raise
-    return RayRun(run_id=run_id, tracking_uri=tracking_uri, result=result)
+    return RayRun(run_id=run_id, tracking_uri=tracking_uri, result=result,
+                  checkpoint_root=loop_config["checkpoint_root"])
 
 
 def _terminate(tracking_uri: str, run_id: str, status: str) -> None:
@@ -228,7 +244,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     else:  # a restart after a failure: resume from the last reported checkpoint
         with checkpoint.as_directory() as ckpt_dir:
             resume = str(Path(ckpt_dir) / CHECKPOINT_NAME)
-            print(f"rank {ray.train.get_context().get_world_rank()}: resuming from {resume}", flush=True)
+            if ray.train.get_context().get_world_rank() == 0:
+                from rec_dist.tracking.resume import checkpoint_summary
+
+                summary = checkpoint_summary(resume)
+                print(f"worker group restarted: resuming from {summary.describe()}; training continues with "
+                      f"epoch {summary.epoch + 1} in MLflow run {loop_config['run_id']}", flush=True)
             trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resume, weights_only=False)
     cli.after_fit()
 
@@ -287,7 +308,8 @@ def parse_args(argv: Sequence[str], description: str, stage: str = "fit") -> tup
     parser.add_argument("--tracking_uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or "
                         "sqlite:///mlruns.db in the working directory)")
     if stage != "fit":
-        parser.add_argument("--ckpt_path", required=True, help="checkpoint to evaluate (file, DCP dir or Ray ckpt)")
+        parser.add_argument("--ckpt_path", required=True, help="checkpoint to evaluate: a Ray run directory (its "
+                            "latest checkpoint), a Ray checkpoint, a torchrec checkpoint dir or a .ckpt file")
         parser.add_argument("--stage", choices=("validate", "test"), default="test")
         parser.add_argument("--run_id", default=None, help="log into this MLflow run (default: a new run)")
     return parser.parse_known_args(list(argv))
@@ -307,6 +329,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     run = run_on_ray(args.config, cli_args, settings_from(args))
     metrics = {k: v for k, v in (run.result.metrics or {}).items() if isinstance(v, int | float)}
     print(f"finished: MLflow run {run.run_id}; last reported metrics {metrics}")
+    print_checkpoints(run)
+
+
+def print_checkpoints(run: RayRun) -> None:
+    """Where the job's checkpoints are: what ``jobs/evaluate.py --ckpt_path`` takes."""
+    if getattr(run.result, "path", None):
+        print(f"Ray run directory: {run.result.path} (jobs/evaluate.py --ckpt_path takes it: its latest checkpoint)")
+    if run.result.checkpoint is not None:
+        print(f"final checkpoint: {run.result.checkpoint.path}/{CHECKPOINT_NAME}")
+    found = lightning_checkpoints(run.checkpoint_root, run.run_id)
+    if "best" in found:
+        print(f"best checkpoint: {found['best']}")
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> None:
@@ -314,11 +348,14 @@ def evaluate_main(argv: Sequence[str] | None = None) -> None:
 
     quiet_startup()
     args, cli_args = parse_args(sys.argv[1:] if argv is None else argv, "Evaluate a checkpoint on Ray Train", "eval")
-    ckpt = Path(args.ckpt_path)
-    if (ckpt / CHECKPOINT_NAME).exists():  # a Ray checkpoint directory: the Lightning checkpoint inside it
-        ckpt = ckpt / CHECKPOINT_NAME
-    if not ckpt.exists():
-        raise FileNotFoundError(f"--ckpt_path {args.ckpt_path}: no such checkpoint")
-    run = run_on_ray(args.config, cli_args, settings_from(args), stage=args.stage, ckpt_path=str(ckpt.resolve()),
+    from rec_dist.errors import RecDistError
+
+    try:  # before Ray starts any worker
+        ckpt = resolve_checkpoint(args.ckpt_path)
+    except RecDistError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"evaluating checkpoint {ckpt}")
+    run = run_on_ray(args.config, cli_args, settings_from(args), stage=args.stage, ckpt_path=str(ckpt),
                      run_id=args.run_id)
     print(f"finished: {args.stage} logged to MLflow run {run.run_id}")
