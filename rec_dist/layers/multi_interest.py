@@ -26,7 +26,7 @@ interest collapse (near 1: the interests are one vector), and used as a regulari
 **Controllable aggregation** (ComiRec, eq. 10-11), at serving: from the union of each
 interest's top-N items, greedily choose N items maximising::
 
-    Q(u, S) = sum_{i in S} f(u, i) + lambda * sum_{i, j in S, i != j} [cat(i) != cat(j)]
+    Q(u, S) = sum_{i in S} f(u, i) + lambda * sum_{{i, j} in S} [cat(i) != cat(j)]    (unordered pairs)
     f(u, i) = max_k v_k . e_i
 
 Each step adds the candidate of largest marginal gain ``f(u, i) + lambda * #{j in S: cat(j) !=
