@@ -10,6 +10,7 @@ from rec_dist.models.eta import ETA
 from rec_dist.models.gru4rec import GRU4Rec
 from rec_dist.models.mind import MIND
 from rec_dist.models.multitask import ESMM, PLE, MMoE, MultiTaskMixin, SharedBottom, ctcvr_logit
+from rec_dist.models.pooling import PooledSequenceDNN
 from rec_dist.models.sdim import SDIM
 from rec_dist.models.sim import SIM
 from rec_dist.models.twin import TWIN
@@ -31,6 +32,7 @@ __all__ = [
     "RankingModel",
     "TaskHead",
     "TwoTower",
+    "PooledSequenceDNN",
     "GRU4Rec",
     "check_tasks",
     "ESMM",
