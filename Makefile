@@ -36,4 +36,4 @@ lint: install
 	$(BIN)/ruff check rec_dist tests benchmarks jobs
 
 clean:
-	rm -rf $(VENV) data mlruns.db mlruns lightning_logs checkpoints
+	rm -rf $(VENV) data mlflow.db mlruns.db mlruns mlartifacts lightning_logs checkpoints

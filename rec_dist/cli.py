@@ -35,7 +35,7 @@ commands:
 
 `rec-dist <command> --help` shows every option; `rec-dist fit --config X --print_config`
 prints the fully resolved configuration. Runs are tracked in MLflow (default store
-sqlite:///mlruns.db; open it with `mlflow ui --backend-store-uri sqlite:///mlruns.db`).
+sqlite:///mlflow.db in the working directory, MLflow's own default: `mlflow ui` run there opens it).
 """
 
 

@@ -134,4 +134,4 @@ def test_bad_space_is_a_clear_error(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert str(bad) in done.stderr and "model.init_args.optimizer.init_args.lr" in done.stderr
-    assert not list(tmp_path.glob("mlruns.db"))  # nothing was started
+    assert not list(tmp_path.glob("*.db"))  # nothing was started

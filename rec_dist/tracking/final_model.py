@@ -167,7 +167,7 @@ def log_final_model(
     YAML text (e.g. the ``config.yaml`` the run logged). ``ckpt_path``: a
     checkpoint file, a sharded checkpoint directory, or a directory holding
     one ``*.ckpt`` (a Ray Train checkpoint's ``checkpoint.ckpt``). ``tracking_uri``
-    defaults to ``MLFLOW_TRACKING_URI`` (else ``sqlite:///mlruns.db``); an
+    defaults to ``MLFLOW_TRACKING_URI`` (else ``sqlite:///mlflow.db``, MLflow's own default); an
     ``http://`` server takes its credentials from ``MLFLOW_TRACKING_USERNAME``
     / ``MLFLOW_TRACKING_PASSWORD``. ``exporter``: ``rec_dist.export.export`` to export in this
     process (the CLI passes it); None runs ``rec-dist export`` in a subprocess. Returns MLflow's ``ModelInfo``.

@@ -2,8 +2,11 @@
 
 MLflow 3 refuses its file store by default and Lightning's MLFlowLogger
 falls back to one, so the default here is a SQLite store in the working
-directory (``sqlite:///mlruns.db``); ``MLFLOW_TRACKING_URI`` overrides it
-(an ``http://`` server for many concurrent writers).
+directory: ``sqlite:///mlflow.db``, the store MLflow 3 itself defaults to, so
+that a fresh ``mlflow.pyfunc.load_model("runs:/...")``, ``mlflow ui`` and the
+registry find rec_dist's runs without being told where they are.
+``MLFLOW_TRACKING_URI`` overrides it (an ``http://`` server for many
+concurrent writers).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # = mlflow.store.tracking.DEFAULT_TRACKING_URI (MLflow 3)
 MAX_PARAM_VALUE = 6000  # MLflow's limit on one param value
 
 

@@ -100,12 +100,15 @@ def register_run(run_id: str, name: str, tracking_uri: str | None = None):
     client, uri = _client(tracking_uri)
     run = _get_run(client, run_id, uri)
     source, model_id = model_source(client, run, uri)
-    try:
-        client.create_registered_model(name)
-    except MlflowException as err:
-        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
-    return client.create_model_version(name, source, run_id=run_id, model_id=model_id)
+    # MLflow's SQLite registry looks the logged model up through a new MlflowClient() on the *global*
+    # tracking URI, not this client's: point the global one at the same store while registering.
+    with using_tracking_uri(uri):
+        try:
+            client.create_registered_model(name)
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        return client.create_model_version(name, source, run_id=run_id, model_id=model_id)
 
 
 def _experiment(client, experiment: str, uri: str):
@@ -179,7 +182,8 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="rec-dist register",
         description="Register a run's final model (runs:/RUN/model) in the MLflow model registry.",
-        epilog="Tracking store: --tracking_uri, else MLFLOW_TRACKING_URI, else sqlite:///mlruns.db; an http:// "
+        epilog="Tracking store: --tracking_uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (MLflow's "
+        "default); an http:// "
         "server takes credentials from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.",
     )
     which = parser.add_mutually_exclusive_group(required=True)

@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--storage_path", default=None, help="Ray results and checkpoints (shared on clusters)")
     parser.add_argument("--max_failures", type=int, default=1, help="restarts of a trial's worker group")
     parser.add_argument("--tracking_uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or "
-                        "sqlite:///mlruns.db); many trials write at once, an http:// server suits best")
+                        "sqlite:///mlflow.db); many trials write at once, an http:// server suits best")
     args, cli_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     args.name = None
     settings = TuneSettings(num_samples=args.num_samples, search=args.search, scheduler=args.scheduler,
