@@ -3,7 +3,8 @@
 A torchrec-strategy checkpoint (a directory of torch.distributed.checkpoint
 shards, written by N ranks) is read back in one process into full tensors;
 a single-process checkpoint (a file) is read as is. The output holds what
-``load_exported`` needs to rebuild the model without the training config:
+``load_exported`` needs to rebuild the model without the training config
+(``load_scorer(path).predict(df_or_parquet_path)`` scores rows with it, probabilities out):
 
     {"model_class": "rec_dist.models.DeepFM", "model_init_args": {...}, "tasks": [...] (None: not ranking),
      "schema": {...}, "state_dict": {...}}
@@ -14,9 +15,9 @@ from __future__ import annotations
 import sys
 
 from rec_dist.lightning_cli import export_checkpoint as export
-from rec_dist.tracking.exported import load_exported
+from rec_dist.tracking.exported import ExportedScorer, load_exported, load_scorer
 
-__all__ = ["export", "load_exported", "main"]
+__all__ = ["ExportedScorer", "export", "load_exported", "load_scorer", "main"]
 
 
 def main(argv: list[str]) -> None:

@@ -17,8 +17,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-PREDICT_ROWS = 65_536  # rows per forward pass in RecDistPyfunc.predict
-QUERY_COLUMN = "query_vector"  # the output column of a retrieval / next-item model
+from rec_dist.tracking.exported import PREDICT_ROWS, QUERY_COLUMN, model_inputs  # noqa: F401  (re-exported)
 
 
 class RecDistPyfunc(mlflow.pyfunc.PythonModel):
@@ -37,61 +36,15 @@ class RecDistPyfunc(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
-        import torch
+        from rec_dist.tracking.exported import load_scorer
 
-        from rec_dist.data.schema import Schema
-        from rec_dist.tracking.exported import load_exported
-
-        path = context.artifacts["exported"]
-        self.model = load_exported(path)
-        schema = getattr(self.model, "schema", None)
-        if schema is None:  # a model class that does not keep its schema: read it from the file
-            schema = Schema.from_dict(torch.load(path, map_location="cpu", weights_only=False)["schema"], source=path)
-        self.schema = schema
-        self.tasks = list(getattr(self.model, "tasks", []))
-        self.features = model_inputs(self.model, schema)
+        self.scorer = load_scorer(context.artifacts["exported"])
+        self.model, self.schema = self.scorer.model, self.scorer.schema
+        self.tasks, self.features = self.scorer.tasks, self.scorer.features
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """One row of output (a column per task) for each row of ``model_input``."""
-        import pyarrow as pa
-        import torch
-
-        from rec_dist.data.columns import ColumnChunk
-        from rec_dist.models.protocols import query_vectors
-
-        if not isinstance(model_input, pd.DataFrame):
-            model_input = pd.DataFrame(model_input)
-        # Only the schema's feature columns; a missing one is reported by ColumnChunk.from_arrow.
-        names = [name for name in self.features if name in model_input.columns]
-        table = pa.Table.from_pandas(model_input[names], preserve_index=False)
-        chunk = ColumnChunk.from_arrow(table, self.schema, source="model input", labels=False, features=self.features)
-        outputs: dict[str, list[np.ndarray]] = {}
-        with torch.no_grad():
-            for start in range(0, max(chunk.num_rows, 1), PREDICT_ROWS):
-                part = chunk.slice(start, start + PREDICT_ROWS)
-                if part.num_rows == 0:
-                    break
-                batch = part.to_batch(self.schema)
-                if not self.tasks:  # retrieval / next item: the query vector of each row
-                    outputs.setdefault(QUERY_COLUMN, []).append(query_vectors(self.model, batch).flatten(1).numpy())
-                    continue
-                for task, value in self.model(batch).items():
-                    label = self.schema.labels.get(task)
-                    binary = label is None or label.kind == "binary"
-                    outputs.setdefault(task, []).append((torch.sigmoid(value) if binary else value).numpy())
-        if not self.tasks:
-            vectors = np.concatenate(outputs[QUERY_COLUMN]) if QUERY_COLUMN in outputs else np.zeros((0, 0))
-            return pd.DataFrame({QUERY_COLUMN: list(vectors.astype(np.float32))}, index=model_input.index)
-        return pd.DataFrame(
-            {t: np.concatenate(outputs[t]) if t in outputs else np.zeros(0, np.float32) for t in self.tasks},
-            index=model_input.index,
-        )
-
-
-def model_inputs(model, schema) -> list[str]:
-    """The feature columns the model reads (``input_features``), in schema order; every feature without it."""
-    wanted = set(getattr(model, "input_features", schema.features))
-    return [name for name in schema.features if name in wanted]
+        """One row of output (a column per task) for each row of ``model_input`` (``ExportedScorer.predict``)."""
+        return self.scorer.predict(model_input)
 
 
 def model_signature(schema, tasks: list[str], features: list[str] | None = None):
