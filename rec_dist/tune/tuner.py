@@ -36,6 +36,7 @@ from rec_dist.tune.ray_train import (
     resolve_tracking_uri,
     run_on_ray,
 )
+from rec_dist.tune.report import print_results
 from rec_dist.tune.space import SearchSpace, load_space
 
 SEARCHES = ("random", "optuna")
@@ -123,7 +124,7 @@ def tune(space_path: str, config: str | None, cli_args: Sequence[str], settings:
     write_best_config(config_path, best_overrides, out, study=space.name, metric=space.metric, mode=space.mode,
                       score=best_score)
     _log_study_end(tracking_uri, parent, space, rows, out, best_score)
-    print_results(rows, space)
+    print_results(rows, f"study {space.name}: trials by {space.metric} ({space.mode})")
     print(f"best {space.metric} = {best_score:.4f}; ready-to-use training config: {out}")
     return Study(parent, best_overrides, best_score, out, rows)
 
@@ -217,27 +218,6 @@ def _results(grid, space: SearchSpace) -> list[dict[str, Any]]:
     key = space.metric
     rows.sort(key=lambda r: (r[key] is None, -(r[key] or 0) if space.mode == "max" else (r[key] or 0)))
     return rows
-
-
-def print_results(rows: list[dict[str, Any]], space: SearchSpace) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"study {space.name}: trials by {space.metric} ({space.mode})")
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    for column in columns:
-        table.add_column(column.removeprefix("model.init_args.").removeprefix("init_args."))
-    for row in rows:
-        table.add_row(*[_cell(row.get(c)) for c in columns])
-    Console(width=200).print(table)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).removeprefix("rec_dist.balancing.")
 
 
 def _log_study_start(tracking_uri: str, parent: str, space: SearchSpace, config: Path,
