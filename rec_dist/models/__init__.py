@@ -5,6 +5,7 @@ from rec_dist.models.bst import BST
 from rec_dist.models.comirec import ComiRecDR, ComiRecSA
 from rec_dist.models.dcnv2 import DCNv2
 from rec_dist.models.deepfm import DeepFM
+from rec_dist.models.dien import DIEN
 from rec_dist.models.din import DIN
 from rec_dist.models.eta import ETA
 from rec_dist.models.gru4rec import GRU4Rec
@@ -22,6 +23,7 @@ __all__ = [
     "ComiRecSA",
     "BST",
     "DCNv2",
+    "DIEN",
     "DIN",
     "DeepFM",
     "ETA",
