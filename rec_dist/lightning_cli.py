@@ -114,6 +114,10 @@ def build_cli_class():
             config = self.config.get(self.subcommand, self.config)
             datamodule = self.datamodule
             checkpoint = self.trainer.checkpoint_callback
+            if self.trainer.is_global_zero:
+                last = next((c.last_model_path for c in self.trainer.checkpoint_callbacks if c.last_model_path), "")
+                if last:
+                    print(f"last checkpoint: {last} (what --ckpt_path resumes from)")
             if config.get("test_after_fit", True) and getattr(datamodule, "splits", {}).get("test") is not None:
                 ckpt = "best" if checkpoint is not None and checkpoint.best_model_path else None
                 if ckpt and self.trainer.is_global_zero:
