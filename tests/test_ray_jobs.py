@@ -65,6 +65,34 @@ def test_ray_job_submit_trains_and_tracks_in_mlflow(cluster, workdir):
     (experiment_dir,) = (workdir / "ray").glob("clean-fit-*")
     shards = sorted(p.name for p in experiment_dir.glob("checkpoint_*/checkpoint.ckpt/*.distcp"))
     assert shards and {"__0_0.distcp", "__1_0.distcp"} <= set(shards)
+    # the job says where its checkpoints are: the run directory, the final Ray checkpoint, the best one
+    logs = cluster.logs("clean")
+    latest = sorted(experiment_dir.glob("checkpoint_*/checkpoint.ckpt"))[-1]
+    assert f"Ray run directory: {experiment_dir}" in logs and f"final checkpoint: {latest}" in logs
+    (best,) = (workdir / "ray").glob(f"clean-fit-*/lightning/*/{run.info.run_id}/checkpoints/best-*")
+    assert f"best checkpoint: {best}" in logs
+    assert "lies in Ray's temporary copy" not in logs  # the store is outside it (a false warning before)
+
+
+def test_evaluate_job_takes_the_run_directory(cluster, workdir):
+    """--ckpt_path <run directory>: its latest checkpoint is evaluated; the test AUC is the final model's."""
+    (experiment_dir,) = (workdir / "ray").glob("clean-fit-*")
+    status = cluster.submit("python", "jobs/evaluate.py", "--config", str(workdir / "config.yaml"), "--num_workers",
+                            "2", "--ckpt_path", str(experiment_dir), "--tracking_uri", f"sqlite:///{workdir}/mlruns.db",
+                            "--trainer.logger.init_args.run_name", "evaluated", working_dir=str(REPO),
+                            submission_id="evaluate")
+    logs = cluster.logs("evaluate")
+    assert status == "SUCCEEDED", logs[-4000:]
+    latest = sorted(experiment_dir.glob("checkpoint_*"))[-1]
+    assert f"using its latest checkpoint {latest.name}" in logs
+    _, run = _run(workdir, "evaluated")
+    assert run.data.metrics["test/auc"] > 0.6  # the last epoch's model (the fit tested its best one)
+    status = cluster.submit("python", "jobs/evaluate.py", "--config", str(workdir / "config.yaml"), "--ckpt_path",
+                            str(experiment_dir / "checkpoint_manager_snapshot.json"), working_dir=str(REPO),
+                            submission_id="evaluate-bad")
+    assert status == "FAILED"
+    logs = cluster.logs("evaluate-bad")
+    assert "checkpoint_manager_snapshot.json: not a checkpoint" in logs and "MLflow run" not in logs
 
 
 def test_killed_worker_is_replaced_and_training_resumes(cluster, workdir):
@@ -78,7 +106,10 @@ def test_killed_worker_is_replaced_and_training_resumes(cluster, workdir):
     logs = cluster.logs("faulty")
     assert status == "SUCCEEDED", logs[-4000:]
     assert marker.exists(), "the fault was never injected"
-    assert "resuming from" in logs
+    assert "worker group restarted: resuming from" in logs
+    assert "(saved at epoch 0, global step" in logs and "training continues with epoch 1" in logs
+    (REPO / "test-artifacts").mkdir(exist_ok=True)
+    (REPO / "test-artifacts" / "ray_faulty_job.log").write_text(logs)  # what a user reads after a failure
     client, run = _run(workdir, "faulty")
     _, clean = _run(workdir, "clean")
     assert run.info.status == "FINISHED"

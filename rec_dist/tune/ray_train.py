@@ -113,6 +113,15 @@ def logger_names(config_path: str, cli_args: Sequence[str]) -> tuple[str, str | 
     return experiment, run_name, tracking_uri
 
 
+def configured_checkpoint_dir(config_path: str, cli_args: Sequence[str]) -> str | None:
+    """The ``checkpoint_dir`` the config's MLflow logger names (``--trainer.logger.init_args.checkpoint_dir``
+    wins), or None."""
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    logger = (config.get("trainer") or {}).get("logger")
+    init_args = (logger.get("init_args") or {}) if isinstance(logger, dict) else {}
+    return cli_override(cli_args, "trainer.logger.init_args.checkpoint_dir") or init_args.get("checkpoint_dir")
+
+
 def create_mlflow_run(tracking_uri: str, experiment: str, run_name: str | None, parent_run_id: str | None,
                       tags: dict[str, str]) -> str:
     """A RUNNING MLflow run (child of ``parent_run_id`` when given) for the workers to continue."""
@@ -197,8 +206,9 @@ def run_on_ray(config: str, cli_args: Sequence[str], settings: RayTrainSettings,
     except Exception:
         _terminate(tracking_uri, run_id, "FAILED")
         raise
-    return RayRun(run_id=run_id, tracking_uri=tracking_uri, result=result,
-                  checkpoint_root=loop_config["checkpoint_root"])
+    configured = configured_checkpoint_dir(config, cli_args)  # where continue_run_logger sends the workers
+    root = configured if configured and Path(configured).is_absolute() else loop_config["checkpoint_root"]
+    return RayRun(run_id=run_id, tracking_uri=tracking_uri, result=result, checkpoint_root=root)
 
 
 def _terminate(tracking_uri: str, run_id: str, status: str) -> None:
