@@ -143,3 +143,30 @@ def test_cli_two_tower_on_movielens_beats_popularity(movielens, tmp_path, capsys
     assert metrics["test/recall_at_10"] > metrics["test/popularity/recall_at_10"]
     assert metrics["test/ndcg_at_10"] > metrics["test/popularity/ndcg_at_10"]
     assert metrics["test/recall_at_50"] > metrics["test/popularity/recall_at_50"] + 0.03
+
+
+def test_mlflow_gets_every_metric_and_the_evaluation_protocol(tmp_path, capsys):
+    """A test pass logs HR / Recall / NDCG / MRR @K and MRR to MLflow, and the protocol (full corpus, seen
+    items excluded or not, pessimistic ties) as run parameters; the protocol is also printed."""
+    import mlflow
+
+    from rec_dist.tracking.mlflow import MLflowLogger
+
+    root = planted(tmp_path / "data")
+    data = ParquetDataModule(str(root / "schema.yaml"), batch_size=128, items="items.parquet")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for exclude_seen in (True, False):
+        task = RetrievalTask(lambda schema: TwoTower(schema, hidden=[16], output_dim=16), schema=data.schema,
+                             ks=(5, 10), exclude_seen=exclude_seen)
+        logger = MLflowLogger(experiment_name="eval", tracking_uri=uri)
+        trainer = pl.Trainer(logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=str(tmp_path))
+        result = trainer.test(task, datamodule=data, verbose=False)[0]
+        run = mlflow.MlflowClient(uri).get_run(logger.run_id)
+        assert run.data.params["eval/exclude_seen"] == str(exclude_seen)
+        assert run.data.params["eval/candidates"] == "full_corpus"
+        assert run.data.params["eval/ties"] == "pessimistic"
+        for name in ("hit_rate_at_5", "recall_at_10", "ndcg_at_10", "mrr_at_10", "mrr", "popularity/ndcg_at_5"):
+            assert run.data.metrics[f"test/{name}"] == pytest.approx(result[f"test/{name}"])
+        seen = "the user's train + val items excluded" if exclude_seen else "seen items kept"
+        assert f"test: ranking the full corpus of {NUM_ITEMS} items, {seen}" in capsys.readouterr().out

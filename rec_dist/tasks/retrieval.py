@@ -10,14 +10,16 @@ Evaluation (val / test): at the start of the stage every item of the item
 table (``datamodule.item_table()``) is encoded once, in chunks of
 ``corpus_batch_size``; each row's query is then scored against the whole
 corpus and the rank of the row's item is accumulated
-(``rec_dist.metrics.retrieval``: pessimistic ties, Recall@K, NDCG@K, MRR).
-With ``exclude_seen`` the items the user interacted with in the earlier
-splits are removed from the ranking (validation: train; test and predict:
-train + val). ``popularity_baseline`` scores the same rows with a
-most-popular ranking (items by their number of training rows, same
-exclusions, same evaluator), logged as ``<stage>/popularity/...`` beside the
-model's metrics. Predict: the ``top_k`` items per query, one output row per
-(query, rank).
+(``rec_dist.metrics.retrieval``: pessimistic ties, HitRate / Recall / NDCG /
+MRR @K for every K of ``ks``, and MRR). With ``exclude_seen`` (the default)
+the items the user interacted with in the earlier splits are removed from the
+ranking (validation: train; test and predict: train + val). The protocol is
+printed at the start of each stage and logged as run parameters
+(``eval/candidates: full_corpus``, ``eval/exclude_seen``, ``eval/ties``).
+``popularity_baseline`` scores the same rows with a most-popular ranking
+(items by their number of training rows, same exclusions, same evaluator),
+logged as ``<stage>/popularity/...`` beside the model's metrics. Predict:
+the ``top_k`` items per query, one output row per (query, rank).
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class RetrievalTask(RecTask):
         self._corpus: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids (N,), vectors (N, d))
         self._popularity: torch.Tensor | None = None  # (N, 1) training-row count per corpus item
         self._seen: dict[str, SeenItems] = {}
+        self._logged_params: set[str] = set()  # stages whose evaluation protocol was logged
 
     def query_vectors(self, batch: Batch) -> torch.Tensor:
         """What evaluation and predict score the corpus with: ``encode_query(batch)`` (a kind built on this
@@ -135,9 +138,25 @@ class RetrievalTask(RecTask):
             vectors.append(model.encode_item(table.batch(chunk).to(self.device)))  # (C, d)
         return torch.from_numpy(table.ids).to(self.device), torch.cat(vectors)  # (N,), (N, d)
 
+    def evaluation_params(self) -> dict[str, object]:
+        """How the metrics were computed, logged as run parameters (``eval/...``) so a number is never read
+        without its protocol: full corpus or sampled, seen items excluded or not, the tie rule."""
+        return {"eval/candidates": "full_corpus", "eval/exclude_seen": self.exclude_seen,
+                "eval/ties": "pessimistic", "eval/ks": list(self.metrics["val"].ks)}
+
+    def _log_evaluation_params(self, stage: str, num_items: int) -> None:
+        seen = f"the user's {' + '.join(SEEN_SPLITS[stage])} items excluded" if self.exclude_seen else "seen items kept"
+        if self._trainer is None or self.trainer.is_global_zero:
+            print(f"{stage}: ranking the full corpus of {num_items} items, {seen}, ties pessimistic")
+        for logger in self.loggers if self._trainer is not None else ():
+            logger.log_hyperparams(self.evaluation_params())
+
     def _start_stage(self, stage: str) -> None:
         self.check_fused_inference()
         self._corpus = self.encode_corpus()
+        if stage not in self._logged_params:
+            self._logged_params.add(stage)
+            self._log_evaluation_params(stage, self._corpus[0].numel())
         if self.exclude_seen and stage not in self._seen:
             self._seen[stage] = SeenItems.from_parquet(self._files(SEEN_SPLITS[stage]), self.user_column,
                                                        self.item_column)
