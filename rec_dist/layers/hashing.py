@@ -19,7 +19,7 @@ from torch import nn
 
 from rec_dist.errors import ConfigError
 
-MAX_BITS = 62  # one round's bits are packed into one int64 (sign bit unused)
+MAX_BITS = 52  # one round's bits are packed exactly through float64 (53-bit mantissa) into one int64
 BLOCK_ROWS = 1 << 16  # vectors projected at once (bounds the (n, rounds * bits) temporary)
 
 
@@ -28,7 +28,7 @@ class SimHash(nn.Module):
 
     Args:
         dim: D, the size of the hashed vectors.
-        bits: bits per signature (at most 62).
+        bits: bits per signature (at most 52).
         rounds: independent signatures per vector (SDIM's m hashes; ETA uses one).
         seed: seed of the random projection.
     """
@@ -44,7 +44,9 @@ class SimHash(nn.Module):
         self.dim, self.bits, self.rounds, self.seed = dim, bits, rounds, seed
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer("projection", torch.randn(dim, rounds * bits, generator=generator))  # (D, m*tau)
-        self.register_buffer("powers", 2 ** torch.arange(bits, dtype=torch.int64), persistent=False)  # (tau,)
+        # Packing the bits is one matmul with a block-diagonal matrix of powers of two, exact in float64.
+        packing = torch.block_diag(*[2.0 ** torch.arange(bits, dtype=torch.float64).unsqueeze(1)] * rounds)
+        self.register_buffer("packing", packing, persistent=False)  # (m*tau, m)
 
     def signs(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, rounds, bits)`` bool: the sign bits of ``x`` ``(n, D)``."""
@@ -59,7 +61,8 @@ class SimHash(nn.Module):
         out = torch.empty(x.shape[0], self.rounds, dtype=torch.int64, device=x.device)  # (n, m)
         for start in range(0, x.shape[0], BLOCK_ROWS):
             block = slice(start, start + BLOCK_ROWS)
-            out[block] = (self.signs(x[block]).long() * self.powers).sum(dim=2)  # (b, m)
+            bits = self.signs(x[block]).view(-1, self.rounds * self.bits)  # (b, m*tau)
+            out[block] = (bits.to(torch.float64) @ self.packing).long()  # (b, m)
         return out
 
 

@@ -34,7 +34,7 @@ class ETA(LongSequenceRanker):
     Args:
         schema, tasks, query_features, sequence_features, features: as in DIN.
         top_k: events kept per row for the attention.
-        hash_bits: m, the bits of each SimHash signature (at most 62).
+        hash_bits: m, the bits of each SimHash signature (at most 52).
         hash_seed: seed of the random hyperplanes.
         attention_hidden, activation, attention_softmax: DIN's attention unit.
         hidden, dropout, batchnorm: the DNN.

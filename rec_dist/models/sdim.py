@@ -11,8 +11,8 @@ probability ``(1 - theta / pi)^tau``, a kernel that plays the role of the attent
             = (1/m) sum_j s_b^j / |C_b^j|           (aggregation 'mean')
 
 The embeddings learn through the sums (the selection has no gradient). Cost: ``O(B L d m tau)`` for
-the signatures (offline per item in the paper) and ``O(B L d m)`` for the per-round sums; no
-per-event network. Output ``{task: (B,)}``.
+the signatures (offline per item in the paper) and ``O(P d)`` for the per-round sums (P colliding
+(event, round) pairs, one sparse-dense product); no per-event network. Output ``{task: (B,)}``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from rec_dist.data.schema import Schema
 from rec_dist.embedding.collection import EmbeddedFeatures
-from rec_dist.embedding.jagged import JaggedSequence, segment_sum
+from rec_dist.embedding.jagged import JaggedSequence
 from rec_dist.errors import ConfigError
 from rec_dist.layers.hashing import SimHash
 from rec_dist.models.long_sequence import LongSequenceRanker, positive
@@ -73,14 +73,17 @@ class SDIM(LongSequenceRanker):
         return self.hash(history.values) == target  # (N, m)
 
     def interest(self, query: torch.Tensor, history: JaggedSequence, embedded: EmbeddedFeatures) -> torch.Tensor:
-        collide = self.collisions(query, history).to(history.values.dtype)  # (N, m)
-        total = query.new_zeros(query.shape[0], self.query_dim)  # (B, Dq)
-        for j in range(self.hash.rounds):  # one (N, Dq) temporary at a time
-            mask = collide[:, j : j + 1]  # (N, 1)
-            sums = segment_sum(history.values * mask, history.offsets, history.rows)  # (B, Dq)
-            if self.aggregation == "l2":
-                total = total + F.normalize(sums, dim=1)  # an empty round stays 0
-            else:
-                count = segment_sum(mask, history.offsets, history.rows).clamp(min=1)  # (B, 1)
-                total = total + sums / count
-        return total / self.hash.rounds  # (B, Dq)
+        batch, rounds = query.shape[0], self.hash.rounds
+        event, round_ = self.collisions(query, history).nonzero(as_tuple=True)  # (P,) colliding (t, j) pairs
+        bucket = history.rows.index_select(0, event) * rounds + round_  # (P,) the pair's (row, round)
+        # s_b^j for every (b, j) at once: a (B*m, N) 0/1 matrix times the events; its nnz is the P collisions,
+        # so neither an (N, m, Dq) nor a (P, Dq) tensor is made.
+        hits = torch.sparse_coo_tensor(torch.stack([bucket, event]), history.values.new_ones(event.shape[0]),
+                                       (batch * rounds, history.values.shape[0]), check_invariants=False)
+        sums = torch.sparse.mm(hits, history.values).view(batch, rounds, self.query_dim)  # (B, m, Dq)
+        if self.aggregation == "l2":
+            per_round = F.normalize(sums, dim=2)  # an empty round stays 0
+        else:
+            count = torch.bincount(bucket, minlength=batch * rounds).clamp(min=1).view(batch, rounds, 1)
+            per_round = sums / count.to(sums.dtype)
+        return per_round.mean(dim=1)  # (B, Dq)
