@@ -45,8 +45,8 @@ def timed_schema(max_len: int = MAX_LEN, item_dim: int = DIM, num_items: int = 4
 
 
 def timed_rows(n: int = 6, seed: int = 0, max_len: int = MAX_LEN) -> dict[str, list]:
-    """Random rows; row 0 has an empty history, row 1 one longer than ``max_len`` (truncated), times
-    increasing along each history and the request after its last event (some gaps 0)."""
+    """Random rows; row 0 has an empty history, row 1 one longer than ``max_len`` (truncated); times do not
+    decrease along a history, the request comes at or after its last event, ages spread over 0..361 hours."""
     rng = np.random.default_rng(seed)
     item_genre = rng.integers(0, 8, 40)
     lengths = rng.integers(1, max_len + 1, n)
@@ -54,9 +54,10 @@ def timed_rows(n: int = 6, seed: int = 0, max_len: int = MAX_LEN) -> dict[str, l
     hist = [rng.integers(0, 40, k).tolist() for k in lengths]
     hours, request = [], []
     for k in lengths:
-        t = np.sort(rng.integers(0, 300, k))
-        hours.append(t.tolist())
-        request.append(int((t[-1] if k else 0) + rng.integers(0, 50)))
+        ages = np.sort((2.0 ** rng.uniform(0, 8.5, k)).astype(np.int64) - 1)[::-1]  # 0..361, log-spread
+        now = 380 - int(rng.integers(0, 10))
+        hours.append((now - ages).tolist())
+        request.append(now)
     items = rng.integers(0, 40, n).tolist()
     return {
         "user_id": rng.integers(0, 30, n).tolist(),
@@ -73,8 +74,9 @@ def timed_rows(n: int = 6, seed: int = 0, max_len: int = MAX_LEN) -> dict[str, l
 
 def recent_interest_task(n: int = 600, seed: int = 0, old: int = 8):
     """Label = whether the target's hidden group is the group of the user's RECENT events (the last 1-2,
-    0-2 hours old); the ``old`` events before them (50-100 hours old) have random groups and drown the
-    signal for a pooling that ignores time."""
+    0-2 hours old); the 1..``old`` events before them (how many varies by row; 50-100 hours old) have random
+    groups and drown the signal for a pooling that ignores time, and a position by order cannot tell
+    where the recent events start."""
     schema = timed_schema(max_len=old + 2, item_dim=8, num_items=20)
     group = np.random.default_rng(1234).permutation(np.arange(20) % 2)  # one world; ``seed`` draws the rows
     rng = np.random.default_rng(seed)
@@ -83,9 +85,10 @@ def recent_interest_task(n: int = 600, seed: int = 0, old: int = 8):
     hist, hours, request = [], [], []
     for g in taste:
         recent = rng.choice(members[g], rng.integers(1, 3)).tolist()
-        hist.append(rng.integers(0, 20, old).tolist() + recent)
+        count = int(rng.integers(1, old + 1))
+        hist.append(rng.integers(0, 20, count).tolist() + recent)
         now = 200
-        hours.append(sorted((now - rng.integers(50, 101, old)).tolist()) + sorted(
+        hours.append(sorted((now - rng.integers(50, 101, count)).tolist()) + sorted(
             (now - rng.integers(0, 3, len(recent))).tolist()))
         request.append(now)
     items = rng.integers(0, 20, n)

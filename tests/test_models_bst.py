@@ -24,6 +24,8 @@ from tests.model_helpers import (
     toy_rows,
     toy_schema,
 )
+from tests.sequence_helpers import MAX_LEN as TIMED_LEN
+from tests.sequence_helpers import auc, recent_interest_task, timed_rows, timed_schema
 from tests.test_layers import ref_mlp
 from tests.test_personalization import ref_gate
 
@@ -60,6 +62,19 @@ def _attend(model: BST, tokens: torch.Tensor, real: list[int], code: torch.Tenso
     return torch.mv(out_w, torch.cat(out)) + out_b
 
 
+def _block(model: BST, tokens: torch.Tensor, code: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Transformer block over one row's real tokens (history then target): the target's output and the
+    mean of the history's outputs (zeros for an empty history)."""
+    real = list(range(len(tokens)))  # padding is neither key nor output here
+    outputs = []
+    for i in real:
+        x = _layer_norm(model.norm1, tokens[i] + _attend(model, tokens, real, code, i))
+        ffn = model.ffn[2].weight @ torch.nn.functional.leaky_relu(model.ffn[0].weight @ x + model.ffn[0].bias)
+        outputs.append(_layer_norm(model.norm2, x + ffn + model.ffn[2].bias))
+    history = torch.stack(outputs[:-1]).mean(0) if len(outputs) > 1 else torch.zeros_like(outputs[-1])
+    return outputs[-1], history
+
+
 def _bst_reference(model: BST, rows: dict[str, list]) -> dict[str, torch.Tensor]:
     tables = model.embeddings.unpooled.embeddings
     item, genre = tables["item"].weight, tables["genre"].weight
@@ -70,18 +85,68 @@ def _bst_reference(model: BST, rows: dict[str, list]) -> dict[str, torch.Tensor]
         tokens = [torch.cat([item[i], genre[g]]) + model.positions[t]
                   for t, (i, g) in enumerate(zip(hist, hist_genre, strict=True))]
         tokens.append(torch.cat([fields["item_id"], fields["primary_genre"]]) + model.positions[MAX_LEN])
-        tokens = torch.stack(tokens)  # (n real + 1, D): padding is neither key nor output here
         code = fields["user_id"] if model.code is not None else None
-        real = list(range(len(tokens)))
-        outputs = []
-        for i in real:
-            x = _layer_norm(model.norm1, tokens[i] + _attend(model, tokens, real, code, i))
-            ffn = model.ffn[2].weight @ torch.nn.functional.leaky_relu(model.ffn[0].weight @ x + model.ffn[0].bias)
-            outputs.append(_layer_norm(model.norm2, x + ffn + model.ffn[2].bias))
-        history = torch.stack(outputs[:-1]).mean(0) if len(outputs) > 1 else torch.zeros_like(outputs[-1])
+        target, history = _block(model, torch.stack(tokens), code)
         others = [fields[f] for f in ("user_id", "tags", "genres")]  # pooled non-query features, schema order
-        xs.append(torch.cat(others + [outputs[-1], history] + [fields[f] for f in ALL_DENSE]))
+        xs.append(torch.cat(others + [target, history] + [fields[f] for f in ALL_DENSE]))
     return ref_head(model, ref_mlp(model.dnn, torch.stack(xs), train=False))
+
+
+def _gap_bucket(gap: int, buckets: int) -> int:
+    """The paper's bucketised time gap, by counting doublings (no log2)."""
+    if gap <= 0:
+        return 0
+    bucket = 1
+    while 2 ** bucket <= gap:
+        bucket += 1
+    return min(bucket, buckets - 1)
+
+
+def test_bst_time_gap_positions_match_reference():
+    """pos(v_t) = G[bucket(request - t(v_t))], the target's gap 0; order positions are gone."""
+    schema, rows = timed_schema(), timed_rows(n=8)
+    model = BST(schema, ["like"], query_features=["item_id", "primary_genre"],
+                sequence_features=["hist_item_id", "hist_genre"], num_heads=2, ffn_hidden=6, hidden=[5],
+                dropout=0.0, time_feature="hist_hour", request_time_feature="request_hour", time_gap_buckets=6)
+    randomise(model)
+    model.eval()
+    assert not hasattr(model, "positions") and model.time_gaps.shape == (6, 8)
+    tables = model.embeddings.unpooled.embeddings
+    item, genre = tables["item"].weight, tables["genre"].weight
+    user = model.embeddings.pooled.embedding_bags["user"].weight
+    xs, buckets = [], set()
+    for b in range(8):
+        hist, genres = rows["hist_item_id"][b][-TIMED_LEN:], rows["hist_genre"][b][-TIMED_LEN:]
+        hours = rows["hist_hour"][b][-TIMED_LEN:]
+        gaps = [_gap_bucket(rows["request_hour"][b] - h, 6) for h in hours]
+        buckets.update(gaps)
+        tokens = [torch.cat([item[i], genre[g]]) + model.time_gaps[k] for i, g, k in zip(hist, genres, gaps,
+                                                                                          strict=True)]
+        tokens.append(torch.cat([item[rows["item_id"][b]], genre[rows["primary_genre"][b]]]) + model.time_gaps[0])
+        target, history = _block(model, torch.stack(tokens), None)
+        xs.append(torch.cat([user[rows["user_id"][b]], target, history, torch.tensor([rows["age"][b]])]))
+    assert len(buckets) >= 4  # the rows exercise several buckets, including the last (capped) one
+    expected = ref_head(model, ref_mlp(model.dnn, torch.stack(xs)))["like"]
+    assert_close(model(to_batch(schema, rows))["like"], expected)
+
+
+def test_bst_learns_recent_interest_from_time_gaps():
+    """The label follows the events of the last hours; how many old events come before them varies, so only
+    the time gap tells which events are recent (held-out AUC)."""
+    schema, train = recent_interest_task(n=300, seed=0, old=4)
+    _, test = recent_interest_task(n=300, seed=1, old=4)
+    torch.manual_seed(0)
+    model = BST(schema, query_features=["item_id"], sequence_features=["hist_item_id"], features=[], num_heads=2,
+                hidden=[16], dropout=0.0, time_feature="hist_hour", request_time_feature="request_hour",
+                time_gap_buckets=8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
+    for _ in range(60):
+        optimizer.zero_grad()
+        bce(model(train), train).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        assert auc(test.labels["like"], model(test)["like"]) > 0.9
 
 
 @pytest.mark.parametrize("longest", [MAX_LEN, 2])
@@ -150,3 +215,10 @@ def test_bst_configuration_errors():
         BST(schema, query_features=["item_id"])
     with pytest.raises(ValueError, match="^BST: the sequence features must share one max_len"):
         BST(toy_schema(hist_genre_len=3))
+    timed = timed_schema()
+    with pytest.raises(ValueError, match="^BST: time_feature 'hist_hour' needs request_time_feature"):
+        BST(timed, time_feature="hist_hour")
+    with pytest.raises(ValueError, match="^BST: request_time_feature 'hist_genre' must name a sparse feature"):
+        BST(timed, time_feature="hist_hour", request_time_feature="hist_genre")
+    with pytest.raises(ValueError, match="^BST: time_gap_buckets must be at least 2"):
+        BST(timed, time_feature="hist_hour", request_time_feature="request_hour", time_gap_buckets=1)

@@ -11,9 +11,15 @@ position with sequences over the same kind of id, as in DIN::
     Y     = LayerNorm(X + Dropout(W2 LeakyReLU(W1 X)))           (B, L+1, D)
     logit = DNN([other fields; Y_{L+1}; mean_t Y_t (real t); x_d])
 
-``p`` is a learned position embedding (the paper embeds the time gap; the
-data here are ordered, oldest first); the target always takes the last one,
-``p_{max_len+1}``. The jagged history is padded only to this batch's longest
+``p`` is a learned position embedding by order (oldest first); the target
+always takes the last one, ``p_{max_len+1}``. With ``time_feature`` (raw
+per-event times) and ``request_time_feature`` (the row's request time) it is
+the paper's time-gap encoding instead::
+
+    p_t = G[bucket(t(v_target) - t(v_t))],  bucket(Δ) = 0 if Δ <= 0 else min(1 + floor(log2 Δ), K - 1)
+
+``G`` a learned ``(K, D)`` table (K = ``time_gap_buckets``), the target's own
+gap 0 (bucket 0); ``rec_dist.models.time_features``. The jagged history is padded only to this batch's longest
 row L <= ``max_len`` (positions sliced to ``p_1..p_L``), padding keys are masked,
 so the outputs are those of padding to ``max_len``. The paper flattens all L+1
 outputs into the DNN; the target's output and the masked mean of the history
@@ -43,6 +49,7 @@ from rec_dist.layers.mlp import MLP
 from rec_dist.layers.poso import POSOMultiHeadAttention
 from rec_dist.models.base import FeatureSelection, RankingModel, TaskHead, pair_query_sequences
 from rec_dist.models.personalized import PersonalizationConfig, check_personalization, select_features
+from rec_dist.models.time_features import TimeFeatures, log2_buckets
 
 
 class BST(RankingModel):
@@ -57,6 +64,10 @@ class BST(RankingModel):
         personalization: ``poso`` (mode ``mha``) gates the attention heads by ``scale · sigmoid(MLP(pc))``,
             pc = its ``features`` (sparse / multi-hot embeddings or dense values); ``gate_hidden``: the
             gate's hidden width (None: num_heads). BST takes no ``lhuc`` or ``pepnet``.
+        time_feature: a sequence feature with each event's time (raw ids, aligned with the history): the
+            positions become the paper's bucketised time gaps (None: positions by order).
+        request_time_feature: the sparse feature with the row's request time (same unit as ``time_feature``).
+        time_gap_buckets: K, the number of log2 time-gap buckets (gaps of 2^(K-2) units or more share the last).
     """
 
     def __init__(
@@ -71,12 +82,19 @@ class BST(RankingModel):
         hidden: Sequence[int] = (256, 128),
         dropout: float = 0.1,
         personalization: PersonalizationConfig | None = None,
+        time_feature: str | None = None,
+        request_time_feature: str | None = None,
+        time_gap_buckets: int = 32,
     ) -> None:
         super().__init__(schema, tasks)
         self.query_features, self.sequence_features = pair_query_sequences(
             schema, query_features, sequence_features, model="BST"
         )
-        used = self.query_features + self.sequence_features
+        self.time = TimeFeatures.from_schema(schema, time_feature, request_time_feature, self.sequence_features[0],
+                                             "BST")
+        if time_gap_buckets < 2:
+            raise ConfigError(f"BST: time_gap_buckets must be at least 2, got {time_gap_buckets}")
+        used = self.query_features + self.sequence_features + (self.time.names if self.time else ())
         self.selection = FeatureSelection.from_schema(schema, features, exclude=used, model="BST")
         poso = check_personalization(personalization, "BST", poso_modes=("mha",), blocks=("poso",)).poso
         self.code = None if poso is None else select_features(schema, poso.features, "BST", "poso.features")
@@ -85,9 +103,14 @@ class BST(RankingModel):
             raise ConfigError(f"BST: the token width {dim} (query embedding dims) must be divisible by num_heads "
                              f"{num_heads}")
         max_len = schema.features[self.sequence_features[0]].max_len
-        inputs = self.declare_inputs(self.query_features, self.sequence_features, self.selection, self.code)
-        self.embeddings = FeatureEmbeddings(schema, inputs)
-        self.positions = nn.Parameter(torch.randn(max_len + 1, dim) * 0.01)  # (L+1, D)
+        inputs = self.declare_inputs(self.query_features, self.sequence_features, self.selection, self.code,
+                                     self.time.names if self.time else None)
+        self.embeddings = FeatureEmbeddings(schema, [n for n in inputs if not self.time or n not in self.time.names])
+        self.max_len = max_len
+        if self.time is None:
+            self.positions = nn.Parameter(torch.randn(max_len + 1, dim) * 0.01)  # (L+1, D)
+        else:
+            self.time_gaps = nn.Parameter(torch.randn(time_gap_buckets, dim) * 0.01)  # (K, D)
         if poso is not None:
             code_dim = self.code.flat_dim + self.code.dense_dim
             self.attention = POSOMultiHeadAttention(dim, num_heads, code_dim, poso.scale, poso.gate_hidden)
@@ -107,14 +130,20 @@ class BST(RankingModel):
             return {task: target.new_zeros(0) for task in self.tasks}
         events = concat_events({n: embedded.sequences[n] for n in self.sequence_features}, "BST")  # (N, D)
         length = events.max_length  # this batch's longest history
-        if length >= self.positions.shape[0]:
+        if length > self.max_len:
             raise ConfigError(
                 f"BST: a history of {self.sequence_features[0]!r} has {length} events, more than its max_len "
-                f"{self.positions.shape[0] - 1}"
+                f"{self.max_len}"
             )
-        history = events.padded(length) + self.positions[:length]  # (B, L, D)
+        if self.time is None:
+            history = events.padded(length) + self.positions[:length]  # (B, L, D)
+            target_token = target + self.positions[-1]  # (B, D)
+        else:
+            gaps = log2_buckets(self.time.ages(batch, events.rows), self.time_gaps.shape[0])  # (N,)
+            history = events.with_values(events.values + self.time_gaps[gaps]).padded(length)  # (B, L, D)
+            target_token = target + self.time_gaps[0]  # the target's own gap is 0
         real = events.mask(length)  # (B, L)
-        tokens = torch.cat([history, (target + self.positions[-1]).unsqueeze(1)], dim=1)  # (B, L+1, D)
+        tokens = torch.cat([history, target_token.unsqueeze(1)], dim=1)  # (B, L+1, D)
         keep = torch.cat([real, real.new_ones(real.shape[0], 1)], dim=1)  # (B, L+1): the target is always real
         if self.code is not None:
             code = torch.cat(self.code.gather_fields(embedded) + [self.code.gather_dense(embedded)], dim=1)
