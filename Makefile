@@ -27,8 +27,8 @@ train: install
 test: install
 	$(BIN)/pytest -q
 
-# The quick subset for iterating: everything but the multi-minute Ray / Tune / MLflow-server / multi-process runs.
-SLOW_TESTS := test_tune.py test_ray_jobs.py test_mlflow_server.py test_torchrec_strategy.py test_model_registry.py test_sharding.py
+# The quick subset for iterating: everything but the multi-minute README / Ray / Tune / MLflow-server / multi-process runs.
+SLOW_TESTS := test_readme.py test_tune.py test_ray_jobs.py test_mlflow_server.py test_torchrec_strategy.py test_model_registry.py test_sharding.py
 test-fast: install
 	$(BIN)/pytest -q -x $(addprefix --ignore=tests/,$(SLOW_TESTS))
 
