@@ -4,7 +4,9 @@
         python jobs/train.py --config configs/movielens/deepfm_torchrec.yaml --num_workers 2
 
 Options: see ``python jobs/train.py --help``; unknown flags are Lightning CLI
-overrides (``--trainer.max_epochs 3``). The logic lives in rec_dist.tune.ray_train.
+overrides (``--trainer.max_epochs 3``). The job ends by printing its Ray run
+directory and its final and best checkpoints (what ``jobs/evaluate.py
+--ckpt_path`` takes). The logic lives in rec_dist.tune.ray_train.
 """
 
 from rec_dist.tune.ray_train import main
