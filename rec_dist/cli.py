@@ -4,6 +4,7 @@
     rec-dist data prepare movielens-100k [--data_dir D] [--source_dir S]
     rec-dist data synth OUT_DIR [--settings.num_rows N ...]
     rec-dist export --config CONFIG.yaml --ckpt_path CKPT [--output model.pt]
+    rec-dist index --model model.pt --items items.parquet --output_dir DIR [--queries test.parquet] [--kind hnsw]
     rec-dist register --run_id RUN --name NAME | --experiment EXP --metric M [--mode max] --name NAME
     rec-dist tune --space tune_spaces/X.yaml [--config C.yaml] [--num_samples 8] [--search random|optuna]
     rec-dist ray-train --config C.yaml [--num_workers 2] [--use_gpu] [--storage_path P]   (Ray Train)
@@ -26,6 +27,8 @@ commands:
   predict    score the predict split
   data       prepare or synthesise data: rec-dist data prepare movielens-100k | rec-dist data synth ...
   export     one unsharded state dict for inference: rec-dist export --config X --ckpt_path CKPT --output model.pt
+  index      item vectors + a FAISS index of an exported retrieval model, with its recall against exact search:
+             rec-dist index --model model.pt --items data/amazon-beauty/items.parquet --output_dir index/
   register   a run's model into the MLflow registry: rec-dist register --run_id RUN --name NAME
              or the best run's: rec-dist register --experiment EXP --metric test/auc --name NAME
   tune       a Ray Tune study (ASHA; random or Optuna TPE), each trial a Ray Train run and an MLflow child run:
@@ -53,6 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         from rec_dist.export import main as export_main
 
         export_main(argv[1:])
+    elif command == "index":
+        from rec_dist.retrieval_index import main as index_main
+
+        index_main(argv[1:])
     elif command == "register":
         from rec_dist.tracking.model_registry import main as register_main
 
