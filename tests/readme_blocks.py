@@ -8,8 +8,8 @@ Marker keys (shell-quoted values; ``expect`` may repeat):
 
 - ``id``: the block's name (test messages, ``--block`` selection);
 - ``expect``: text the block's output must contain;
-- ``background``: a URL; the block is a server: it keeps running (in its own process group) while later
-  blocks run, until the next background block starts or the test ends, once the URL answers;
+- ``background``: a URL; the block is a server (run in its own process group): it passes once the URL
+  answers, and is stopped then, or, with ``until=<id>``, once block ``<id>`` (its clients) has run;
 - ``skip``: why this block cannot run here (the whole suite itself, a CUDA machine); said in the report;
 - ``timeout``: seconds (default 600).
 
@@ -46,6 +46,7 @@ class Block:
     line: int  # 1-based line of the marker
     expect: list[str] = field(default_factory=list)
     background: str | None = None
+    until: str | None = None
     skip: str | None = None
     timeout: float = 600
 
@@ -54,7 +55,7 @@ def parse_marker(text: str, line: int) -> dict[str, list[str]]:
     attrs: dict[str, list[str]] = {}
     for token in shlex.split(text):
         key, sep, value = token.partition("=")
-        if not sep or key not in ("id", "expect", "background", "skip", "timeout"):
+        if not sep or key not in ("id", "expect", "background", "until", "skip", "timeout"):
             raise ValueError(f"README.md:{line}: bad readme-test marker item {token!r}")
         attrs.setdefault(key, []).append(value)
     if "id" not in attrs:
@@ -85,7 +86,8 @@ def readme_blocks(readme: Path) -> list[Block]:
         first = {key: values[0] for key, values in attrs.items()}
         blocks.append(Block(id=first["id"], lang=fence.group("lang"), code="\n".join(lines[start + 1 : end]) + "\n",
                             line=i + 1, expect=attrs.get("expect", []), background=first.get("background"),
-                            skip=first.get("skip"), timeout=float(first.get("timeout", 600))))
+                            until=first.get("until"), skip=first.get("skip"),
+                            timeout=float(first.get("timeout", 600))))
         i = end + 1
     ids = [b.id for b in blocks]
     if len(ids) != len(set(ids)):

@@ -151,7 +151,7 @@ def test_readme_blocks_run_in_order_in_fresh_shells(tmp_path):
     password = secrets.token_urlsafe(16)
     generated = {"at least 12 characters": password, "password": password, "random": secrets.token_hex(16)}
     outputs: dict[str, str] = {}
-    server, timings = None, []
+    server, server_until, timings = None, None, []
     try:
         for block in blocks:
             if block.skip or (only and block.id not in only.split(",")):
@@ -168,6 +168,9 @@ def test_readme_blocks_run_in_order_in_fresh_shells(tmp_path):
                                               start_new_session=True)
                 wait_for(sandbox.apply(block.background), server)
                 timings.append((block.id, time.monotonic() - started))
+                server_until = block.until
+                if server_until is None:
+                    stop(server)
                 continue
             try:
                 done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True,
@@ -184,6 +187,8 @@ def test_readme_blocks_run_in_order_in_fresh_shells(tmp_path):
                 assert expected in text, (f"README block {block.id!r} (line {block.line}) did not print "
                                           f"{expected!r}; output ({log}):\n{text[-3000:]}")
             outputs[block.id] = text
+            if block.id == server_until:
+                stop(server)
     finally:
         stop(server)
         sandbox.close()
