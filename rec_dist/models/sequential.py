@@ -65,7 +65,7 @@ def append_per_row(values: torch.Tensor, offsets: torch.Tensor,
     appended to row b (BERT4Rec's tokens: a row's events, then its item or a [mask]). Differentiable in
     both inputs; works on ids and on embeddings alike.
     """
-    batch = offsets.numel() - 1
+    batch, offsets = offsets.numel() - 1, offsets.long()
     new_offsets = offsets + torch.arange(batch + 1, device=offsets.device, dtype=offsets.dtype)  # (B+1,)
     rows = segment_ids(offsets, values.shape[0])  # (E,)
     moved = torch.arange(values.shape[0], device=values.device) + rows  # (E,) each event's new index
