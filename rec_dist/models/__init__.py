@@ -10,6 +10,7 @@ from rec_dist.models.dien import DIEN
 from rec_dist.models.din import DIN
 from rec_dist.models.eta import ETA
 from rec_dist.models.gru4rec import GRU4Rec
+from rec_dist.models.hstu import HSTU, HSTUNextItem
 from rec_dist.models.mind import MIND
 from rec_dist.models.multitask import ESMM, PLE, MMoE, MultiTaskMixin, SharedBottom, ctcvr_logit
 from rec_dist.models.pooling import PooledSequenceDNN
@@ -38,6 +39,8 @@ __all__ = [
     "TwoTower",
     "PooledSequenceDNN",
     "GRU4Rec",
+    "HSTU",
+    "HSTUNextItem",
     "SASRec",
     "BERT4Rec",
     "check_tasks",

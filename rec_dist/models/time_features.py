@@ -6,7 +6,7 @@ set's start) and a sparse feature of the row (``request_hour``: when the
 row was scored), in one unit. Models never embed them; they read the raw
 values (``Batch.ids``) and derive the event's age ``request - t_event``
 (time decay, BST's time gap) or gaps between events (HSTU's relative time
-bias). Bucketising a gap by ``log2`` (``log2_buckets``) lets a model embed
+bias). Bucketising a gap by ``log2`` (``rec_dist.layers.time_buckets``) lets a model embed
 it, as BST's paper and HSTU do.
 """
 
@@ -19,13 +19,9 @@ import torch
 from rec_dist.data.batch import Batch
 from rec_dist.data.schema import Schema
 from rec_dist.errors import ConfigError
+from rec_dist.layers.time_buckets import log2_buckets
 
-
-def log2_buckets(delta: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """Bucket of each time gap: 0 for ``delta <= 0``, else ``min(1 + floor(log2 delta), num_buckets - 1)``."""
-    positive = delta.clamp(min=1).to(torch.float64)
-    buckets = 1 + torch.floor(torch.log2(positive)).long()
-    return torch.where(delta > 0, buckets.clamp(max=num_buckets - 1), torch.zeros_like(buckets))
+__all__ = ["TimeFeatures", "log2_buckets"]
 
 
 @dataclass(frozen=True)
