@@ -139,9 +139,31 @@ def script(block: Block, code: str, folder: Path) -> list[str]:
     return ["bash", str(path)]
 
 
+def run_block(block: Block, command: list[str], repo: Path, env: dict[str, str], code: str) -> str:
+    """Run one (foreground) block; its output, or AssertionError saying what went wrong."""
+    log = LOGS / f"{block.id}.log"
+    process = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        text, _ = process.communicate(timeout=block.timeout)
+    except subprocess.TimeoutExpired:
+        stop(process)  # the whole process group: a fit's workers, a Ray job client
+        text = (process.stdout.read() if process.stdout else "") + f"\n[killed after {block.timeout:.0f} s]"
+    log.write_text(f"$ {code}\n{text}")
+    where = f"README block {block.id!r} (line {block.line})"
+    if process.returncode != 0:
+        raise AssertionError(f"{where} exited {process.returncode}; output ({log}):\n{text[-3000:]}")
+    missing = [expected for expected in block.expect if expected not in text]
+    if missing:
+        raise AssertionError(f"{where} did not print {missing}; output ({log}):\n{text[-3000:]}")
+    return text
+
+
 def test_readme_blocks_run_in_order_in_fresh_shells(tmp_path):
+    """Every block runs even after one failed (later ones may then fail for want of its output); the test
+    fails listing each failed block."""
     blocks = readme_blocks(README)
-    only = os.environ.get("README_TEST_BLOCKS")  # e.g. "train,commands": run a prefix while editing
+    only = os.environ.get("README_TEST_BLOCKS")  # e.g. "quickstart,commands": run some blocks while editing
     repo = fresh_copy(tmp_path)
     env = fresh_env(tmp_path, repo)
     sandbox = Sandbox(tmp_path)
@@ -151,47 +173,33 @@ def test_readme_blocks_run_in_order_in_fresh_shells(tmp_path):
     password = secrets.token_urlsafe(16)
     generated = {"at least 12 characters": password, "password": password, "random": secrets.token_hex(16)}
     outputs: dict[str, str] = {}
-    server, server_until, timings = None, None, []
+    server, server_until, timings, failures = None, None, [], []
     try:
         for block in blocks:
             if block.skip or (only and block.id not in only.split(",")):
                 continue
-            code = fill_placeholders(block.code, outputs, generated, block)
-            code = sandbox.apply(code if FULL or block.lang != "bash" else shorten(code))
-            command = script(block, code, scripts)
-            log = LOGS / f"{block.id}.log"
             started = time.monotonic()
-            if block.background:
-                stop(server)
-                with log.open("w") as sink:
-                    server = subprocess.Popen(command, cwd=repo, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                              start_new_session=True)
-                wait_for(sandbox.apply(block.background), server)
-                timings.append((block.id, time.monotonic() - started))
-                server_until = block.until
-                if server_until is None:
-                    stop(server)
-                continue
             try:
-                done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True,
-                                      timeout=block.timeout, start_new_session=True)
-            except subprocess.TimeoutExpired as err:
-                raise AssertionError(f"README block {block.id!r} (line {block.line}) ran over {block.timeout:.0f} s"
-                                     ) from err
-            text = done.stdout + done.stderr
-            log.write_text(f"$ {code}\n{text}")
+                code = fill_placeholders(block.code, outputs, generated, block)
+                code = sandbox.apply(code if FULL or block.lang != "bash" else shorten(code))
+                command = script(block, code, scripts)
+                if block.background:
+                    stop(server)
+                    with (LOGS / f"{block.id}.log").open("w") as sink:
+                        server = subprocess.Popen(command, cwd=repo, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                                  start_new_session=True)
+                    server_until = block.until
+                    wait_for(sandbox.apply(block.background), server)
+                else:
+                    outputs[block.id] = run_block(block, command, repo, env, code)
+            except AssertionError as err:
+                failures.append(str(err))
             timings.append((block.id, time.monotonic() - started))
-            assert done.returncode == 0, (f"README block {block.id!r} (line {block.line}) exited {done.returncode}; "
-                                          f"output ({log}):\n{text[-5000:]}")
-            for expected in block.expect:
-                assert expected in text, (f"README block {block.id!r} (line {block.line}) did not print "
-                                          f"{expected!r}; output ({log}):\n{text[-3000:]}")
-            outputs[block.id] = text
-            if block.id == server_until:
+            if block.id == server_until or (block.background and block.until is None):
                 stop(server)
     finally:
         stop(server)
         sandbox.close()
         (LOGS / "timings.txt").write_text("".join(f"{name}\t{seconds:.1f}\n" for name, seconds in timings))
-    skipped = [f"{b.id}: {b.skip}" for b in blocks if b.skip]
-    print("README blocks skipped:", skipped, file=sys.stderr)
+    print("README blocks skipped:", [f"{b.id}: {b.skip}" for b in blocks if b.skip], file=sys.stderr)
+    assert not failures, f"{len(failures)} README block(s) failed:\n\n" + "\n\n".join(failures)
