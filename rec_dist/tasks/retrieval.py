@@ -3,8 +3,12 @@
 Training: each row is (query features, positive item); the model's
 ``forward(batch)`` gives ``(encode_query(batch), encode_item(batch))`` from one
 lookup pass (through DistributedDataParallel when sharded), and the loss is
-the in-batch sampled softmax with accidental hits masked by item id
-(``rec_dist.losses.sampled_softmax``).
+the sampled softmax of each query's positive among the candidates, with
+accidental hits masked by item id (``rec_dist.losses.retrieval.RetrievalLoss``).
+Candidates: every rank's in-batch positives (``gather_negatives``), optionally
+``mixed_negatives`` uniform items of the item table and a ``memory_size``
+cross-batch memory; ``logq_correction`` subtracts the log expected count of
+each candidate's item, from a streaming frequency estimate (Yi et al. 2019).
 
 Evaluation (val / test): at the start of the stage every item of the item
 table (``datamodule.item_table()``) is encoded once, in chunks of
@@ -33,7 +37,8 @@ from rec_dist.data.batch import Batch
 from rec_dist.data.interactions import SeenItems, item_counts
 from rec_dist.data.schema import Schema
 from rec_dist.errors import ConfigError
-from rec_dist.losses.sampled_softmax import in_batch_softmax_loss
+from rec_dist.losses.frequency import StreamingFrequency
+from rec_dist.losses.retrieval import RetrievalLoss
 from rec_dist.metrics.retrieval import RetrievalMetrics, target_ranks, top_items
 from rec_dist.models.protocols import check_protocol
 from rec_dist.tasks.base import STAGES, ModelFactory, RecTask
@@ -55,6 +60,15 @@ class RetrievalTask(RecTask):
         top_k: items per query written by ``predict``.
         corpus_batch_size: items per batch of the corpus pass.
         score_chunk_size: items scored at once per query batch (memory: eval batch x this).
+        logq_correction: subtract each candidate's log expected count (``log(n p_i + M / V)``,
+            ``rec_dist.losses.retrieval``), so popular items are not pushed down for being frequent negatives.
+        frequency_alpha: rate of the streaming gap estimate behind ``p_i`` (~1 / occurrences it averages).
+        frequency_buckets: hashed counters per hash function; None: one exact counter per item id.
+        frequency_hashes: hash functions when ``frequency_buckets`` is set (the largest gap wins).
+        mixed_negatives: M items drawn uniformly from the item table per step, encoded by the item tower.
+        memory_size: item vectors of recent batches kept as extra (detached, stale) negatives; 0: none.
+        gather_negatives: with several workers, every worker's in-batch items are every query's candidates
+            (all-gather with gradients: N workers train like one on the global batch).
         kwargs: ``optimizer``, ``lr_scheduler``, ``sparse_optimizer``, ``meta_embeddings`` of ``RecTask``.
     """
 
@@ -71,6 +85,13 @@ class RetrievalTask(RecTask):
         top_k: int = 100,
         corpus_batch_size: int = 8192,
         score_chunk_size: int = 16_384,
+        logq_correction: bool = False,
+        frequency_alpha: float = 0.01,
+        frequency_buckets: int | None = None,
+        frequency_hashes: int = 2,
+        mixed_negatives: int = 0,
+        memory_size: int = 0,
+        gather_negatives: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(schema, **kwargs)  # optimizer, lr_scheduler, sparse_optimizer, meta_embeddings: RecTask
@@ -89,6 +110,9 @@ class RetrievalTask(RecTask):
         self.top_k, self.corpus_batch_size, self.score_chunk_size = top_k, corpus_batch_size, score_chunk_size
         self.model = self.build_model(model)
         check_protocol(self.model, self.protocol)
+        self.mixed_negatives = mixed_negatives
+        self.retrieval_loss = self._training_loss(logq_correction, frequency_alpha, frequency_buckets,
+                                                  frequency_hashes, mixed_negatives, memory_size, gather_negatives)
         self.metrics = nn.ModuleDict({stage: RetrievalMetrics(ks) for stage in STAGES})
         self.baseline = nn.ModuleDict({stage: RetrievalMetrics(ks) for stage in STAGES})
         self.monitor = (f"val/recall_at_{self.metrics['val'].ks[0]}", "max")
@@ -110,9 +134,48 @@ class RetrievalTask(RecTask):
         return getattr(self.model, "module", self.model)
 
     # ---- training --------------------------------------------------------------------------------
+    def _training_loss(self, logq_correction: bool, frequency_alpha: float, frequency_buckets: int | None,
+                       frequency_hashes: int, mixed_negatives: int, memory_size: int,
+                       gather_negatives: bool) -> RetrievalLoss:
+        """The loss of ``training_step`` from the negative-sampling knobs, each checked with a named error."""
+        knobs = {"logq_correction": (logq_correction, False), "mixed_negatives": (mixed_negatives, 0),
+                 "memory_size": (memory_size, 0), "gather_negatives": (gather_negatives, True)}
+        changed = [k for k, (value, default) in knobs.items() if value != default]
+        if changed and type(self).training_step is not RetrievalTask.training_step:
+            raise ConfigError(f"{type(self).__name__} trains with its own loss: model.init_args.{changed[0]} is a "
+                              f"RetrievalTask knob it does not use; remove it")
+        for knob, value in (("mixed_negatives", mixed_negatives), ("memory_size", memory_size)):
+            if value < 0:
+                raise ConfigError(f"model.init_args.{knob} must be >= 0 (0: off), got {value}")
+        if not 0 < frequency_alpha <= 1:
+            raise ConfigError(f"model.init_args.frequency_alpha must lie in (0, 1], got {frequency_alpha}")
+        if frequency_hashes <= 0 or (frequency_buckets is not None and frequency_buckets <= 0):
+            raise ConfigError(f"model.init_args.frequency_hashes and frequency_buckets must be positive, got "
+                              f"{frequency_hashes} and {frequency_buckets}")
+        frequency = None
+        if logq_correction:
+            if frequency_buckets is None:  # exact: one counter per id of the item table's vocabulary
+                vocabulary = self.schema.table_of(self.item_column).num_embeddings
+                frequency = StreamingFrequency(vocabulary, frequency_alpha, hashed=False)
+            else:
+                frequency = StreamingFrequency(frequency_buckets, frequency_alpha, frequency_hashes)
+        return RetrievalLoss(self.temperature, frequency, memory_size, gather_negatives)
+
+    def _uniform_negatives(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``mixed_negatives`` items drawn uniformly (with replacement) from the item table, through the item
+        tower: ``(vectors (M, d), ids (M,), table size)``."""
+        table = self._datamodule().item_table()
+        ids = table.ids[torch.randint(table.num_items, (self.mixed_negatives,)).numpy()]  # (M,)
+        vectors = self.retrieval_model().encode_item(table.batch(ids).to(self.device))  # (M, d)
+        return vectors, torch.from_numpy(ids).to(self.device), table.num_items
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         query, item = self.model(batch)  # (B, d), (B, d)
-        loss = in_batch_softmax_loss(query, item, batch.ids(self.item_column), self.temperature)
+        mixed, corpus_size = None, None
+        if self.mixed_negatives:
+            vectors, ids, corpus_size = self._uniform_negatives()
+            mixed = (vectors, ids)
+        loss = self.retrieval_loss(query, item, batch.ids(self.item_column), mixed, corpus_size)
         loss = self.add_auxiliary_losses(loss, batch.batch_size)  # a model's regulariser (RecTask)
         self.log_train_loss(loss, batch.batch_size)
         return loss
