@@ -69,7 +69,7 @@ def test_ray_job_submit_trains_and_tracks_in_mlflow(cluster, workdir):
     logs = cluster.logs("clean")
     latest = sorted(experiment_dir.glob("checkpoint_*/checkpoint.ckpt"))[-1]
     assert f"Ray run directory: {experiment_dir}" in logs and f"final checkpoint: {latest}" in logs
-    (best,) = (workdir / "ray").glob(f"clean-fit-*/lightning/*/{run.info.run_id}/checkpoints/best-*")
+    (best,) = (workdir / "ckpt").glob(f"*/{run.info.run_id}/checkpoints/best-*")  # the config's checkpoint_dir
     assert f"best checkpoint: {best}" in logs
     assert "lies in Ray's temporary copy" not in logs  # the store is outside it (a false warning before)
 
