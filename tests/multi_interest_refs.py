@@ -72,12 +72,17 @@ def naive_self_attention(events: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
     return torch.stack(out)
 
 
-def naive_mean_cosine(interests: torch.Tensor, k_u: int) -> float | None:
+def naive_mean_cosine(interests: torch.Tensor, k_u: int, positive_only: bool = False) -> float | None:
     pairs = [(a, b) for a in range(k_u) for b in range(a + 1, k_u)]
     if not pairs:
         return None
-    cos = [float(interests[a] @ interests[b] / (interests[a].norm() * interests[b].norm())) for a, b in pairs]
-    return sum(cos) / len(cos)
+    def cos(a: int, b: int) -> float:
+        norms = float(interests[a].norm() * interests[b].norm())
+        value = 0.0 if norms == 0.0 else float(interests[a] @ interests[b]) / norms  # a zero interest: cosine 0
+        return max(value, 0.0) if positive_only else value
+
+    values = [cos(a, b) for a, b in pairs]
+    return sum(values) / len(values)
 
 
 def naive_aggregation(interests: torch.Tensor, items: torch.Tensor, ids: list[int], categories: list[int],

@@ -21,7 +21,8 @@ p = 1 the ordinary softmax, p -> inf the interest closest to the label (ComiRec'
 
 **Interest similarity**: the mean pairwise cosine ``2/(K_u (K_u-1)) sum_{j<k} cos(v_j, v_k)``
 per user with at least two interests, averaged over those users. Logged as a diagnostic of
-interest collapse (near 1: the interests are one vector), and used as a regulariser.
+interest collapse (near 1: the interests are one vector). The regulariser is the same mean of
+``max(cos, 0)``: it pushes similar interests apart and leaves unrelated ones alone.
 
 **Controllable aggregation** (ComiRec, eq. 10-11), at serving: from the union of each
 interest's top-N items, greedily choose N items maximising::
@@ -105,11 +106,15 @@ def label_aware_attention(
     return torch.einsum("bk,bkd->bd", weights, interests)  # (B, D)
 
 
-def pairwise_cosine(interests: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pairwise_cosine(
+    interests: torch.Tensor, present: torch.Tensor, positive_only: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-user mean pairwise cosine of the present interests ``(B,)`` and which users have a pair
-    (``(B,)`` bool; the others read 0)."""
+    (``(B,)`` bool; the others read 0). ``positive_only``: each cosine clipped at 0 first."""
     unit = F.normalize(interests, dim=-1, eps=1e-8)  # (B, K, D)
     cosine = unit @ unit.transpose(1, 2)  # (B, K, K)
+    if positive_only:
+        cosine = cosine.clamp(min=0.0)
     k = interests.shape[1]
     upper = torch.ones(k, k, dtype=torch.bool, device=interests.device).triu(1)  # (K, K): j < k
     pairs = present.unsqueeze(2) & present.unsqueeze(1) & upper  # (B, K, K)
@@ -119,9 +124,12 @@ def pairwise_cosine(interests: torch.Tensor, present: torch.Tensor) -> tuple[tor
     return total / count.clamp(min=1), has_pair
 
 
-def mean_pairwise_cosine(interests: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Scalar: ``pairwise_cosine`` averaged over the users with at least two interests (0 if none)."""
-    per_user, has_pair = pairwise_cosine(interests, present)
+def mean_pairwise_cosine(interests: torch.Tensor, present: torch.Tensor, positive_only: bool = False) -> torch.Tensor:
+    """Scalar: ``pairwise_cosine`` averaged over the users with at least two interests (0 if none).
+
+    ``positive_only=True`` is the regulariser: only similar interests are pushed apart (pushing
+    every pair towards cosine -1 would fight the data, and K > 2 vectors cannot all be opposite)."""
+    per_user, has_pair = pairwise_cosine(interests, present, positive_only)
     return (per_user * has_pair).sum() / has_pair.sum().clamp(min=1)
 
 

@@ -18,7 +18,7 @@ embedding ``e_i`` from that same table, so interests and items live in one
   returns the ``(B, K)`` mask of the real ones.
 - **Anti-collapse**: ``squash_power`` < 1 (routing models) and
   ``cosine_weight`` > 0, which adds ``cosine_weight x`` the mean pairwise
-  cosine of each user's interests to the training loss
+  cosine (each clipped at 0) of each user's interests to the training loss
   (``auxiliary_losses()``, added by ``RecTask.add_auxiliary_losses``).
   ``diagnostics()`` reports ``interest_cosine``, that mean pairwise cosine, for
   the last batch the model saw (training and evaluation), logged by the task.
@@ -125,7 +125,7 @@ class MultiInterestModel(nn.Module):
         query = label_aware_attention(interests, present, item, self.attention_power)  # (B, D)
         self._aux = {}
         if self.cosine_weight > 0:
-            self._aux["interest_cosine"] = self.cosine_weight * mean_pairwise_cosine(interests, present)
+            self._aux["interest_cosine"] = self.cosine_weight * mean_pairwise_cosine(interests, present, True)
         return query, item
 
     def encode_query(self, batch: Batch) -> torch.Tensor:
