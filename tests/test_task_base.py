@@ -11,7 +11,7 @@ from torch import nn
 
 from rec_dist.data.datamodule import ParquetDataModule
 from rec_dist.data.schema import Schema
-from rec_dist.models import BST, DIN, ESMM, PLE, DCNv2, DeepFM, MMoE, SharedBottom
+from rec_dist.models import BST, DIEN, DIN, ESMM, HSTU, PLE, DCNv2, DeepFM, MMoE, PooledSequenceDNN, SharedBottom
 from rec_dist.models.protocols import check_protocol
 from rec_dist.tasks.multitask import MultiTaskTask
 from rec_dist.tasks.ranking import RankingTask
@@ -33,6 +33,9 @@ RANKERS = [
     (DCNv2, ("click",), {}),
     (DIN, ("click",), {}),
     (BST, ("click",), {"num_heads": 1}),
+    (DIEN, ("click",), {}),
+    (HSTU, ("click",), {}),
+    (PooledSequenceDNN, ("click",), {"pooling": "attention"}),
     (SharedBottom, ("click", "like"), {}),
     (MMoE, ("click", "like"), {}),
     (PLE, ("click", "like"), {}),

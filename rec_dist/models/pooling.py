@@ -37,7 +37,7 @@ class PooledSequenceDNN(RankingModel):
     Args:
         schema, tasks, features: as ``DIN`` (``features`` are the other inputs).
         sequence_features: the history's aligned sequence features, concatenated per event (None: the
-            first sequence group's members, less ``time_feature``).
+            first sequence group's members, else every sequence feature; less ``time_feature``).
         pooling: ``sum``, ``mean``, ``max`` or ``attention``.
         query_features: attention only: the candidate's features, paired position by position with
             ``sequence_features`` (same dims) as in DIN; None: a learned query.
@@ -67,7 +67,7 @@ class PooledSequenceDNN(RankingModel):
         super().__init__(schema, tasks)
         name = "PooledSequenceDNN"
         if sequence_features is None:
-            sequence_features = _first_sequence_group(schema, time_feature, name)
+            sequence_features = _default_sequences(schema, time_feature)
         if query_features is not None:
             if pooling != "attention":
                 raise ConfigError(f"{name}: query_features are the attention's query; pooling {pooling!r} takes none")
@@ -106,15 +106,12 @@ class PooledSequenceDNN(RankingModel):
         return self.head(self.dnn(torch.cat(parts, dim=1)))  # {task: (B,)}
 
 
-def _first_sequence_group(schema: Schema, time_feature: str | None, model: str) -> list[str]:
+def _default_sequences(schema: Schema, time_feature: str | None) -> list[str]:
+    """The first sequence group's members, else every sequence feature (both less the time feature)."""
     for members in schema.groups.values():
         if all(schema.features[m].kind == "sequence" for m in members):
             return [m for m in members if m != time_feature]
-    sequences = [f.name for f in schema.of_kind("sequence") if f.name != time_feature]
-    if len(sequences) != 1:
-        raise ConfigError(f"{model}: set sequence_features; schema {schema.name!r} has no sequence group and "
-                          f"sequences {sequences}")
-    return sequences
+    return [f.name for f in schema.of_kind("sequence") if f.name != time_feature]
 
 
 def _check_sequences(schema: Schema, sequences: tuple[str, ...], model: str) -> None:
