@@ -175,6 +175,8 @@ def run_on_ray(config: str, cli_args: Sequence[str], settings: RayTrainSettings,
         storage = str(Path(storage).expanduser().resolve())
     # Lightning's own checkpoints (ModelCheckpoint: best, last) next to Ray's, not in the job's temporary copy
     local_storage = str(Path(storage or "~/ray_results").expanduser()) if "://" not in (storage or "") else None
+    if storage is None:
+        print(f"Ray results and checkpoints: {local_storage}/{name} (Ray's default; --storage_path to change)")
     loop_config = {
         "config_text": Path(config).read_text(),
         "config_name": Path(config).name,
@@ -316,7 +318,7 @@ def parse_args(argv: Sequence[str], description: str, stage: str = "fit") -> tup
     parser.add_argument("--max_failures", type=int, default=3 if stage == "fit" else 0,
                         help="worker-group restarts before giving up")
     parser.add_argument("--tracking_uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or "
-                        "sqlite:///mlruns.db in the working directory)")
+                        "sqlite:///mlflow.db in the working directory, MLflow's default)")
     if stage != "fit":
         parser.add_argument("--ckpt_path", required=True, help="checkpoint to evaluate: a Ray run directory (its "
                             "latest checkpoint), a Ray checkpoint, a torchrec checkpoint dir or a .ckpt file")
