@@ -20,9 +20,11 @@ Rules (also in tune_spaces/README.md):
   ``x.init_args.*`` overrides are applied after that, on top.
 * A value that is itself a mapping replaces the old value as a whole (no merge).
 
-``write_best_config`` writes the best trial's training config (atomically) and
-``validate_training_config`` runs the real Lightning CLI parser on a config
-without instantiating anything.
+``cli_overrides`` turns the Lightning CLI arguments given to every trial of a
+study (``--trainer.max_epochs 2``) into such a dict, so trials and the best
+config carry them in the file itself. ``write_best_config`` writes the best
+trial's training config (atomically) and ``validate_training_config`` runs the
+real Lightning CLI parser on a config without instantiating anything.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ import functools
 import importlib
 import inspect
 import json
+import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,47 @@ def load_training_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise OverrideError(f"training config {path}: must be a mapping, got {type(raw).__name__}")
     return raw
+
+
+# What jsonargparse reads as a float but YAML 1.1 (yaml.safe_load) leaves a string: 1e-3, 5E+2.
+_FLOAT_WITHOUT_DOT = re.compile(r"[-+]?\d+[eE][-+]?\d+")
+
+
+def cli_overrides(args: Sequence[str]) -> dict[str, Any]:
+    """``["--trainer.max_epochs", "2", "--data.init_args.batch_size=512"]`` -> ``{"trainer.max_epochs": 2,
+    "data.init_args.batch_size": 512}``; values are read as YAML, as the Lightning CLI reads them (last one wins).
+
+    Raises ``OverrideError`` for an argument that is not ``--key value`` / ``--key=value``.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise OverrideError(f"command-line override {arg!r}: expected --dotted.key VALUE or --dotted.key=VALUE")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(args):
+            key, text = arg[2:], args[i + 1]
+            i += 2
+        else:
+            raise OverrideError(f"command-line override {arg!r} has no value")
+        if not re.fullmatch(r"[A-Za-z_][\w.]*", key):
+            raise OverrideError(f"command-line override {arg!r}: {key!r} is not a dotted config key (list appends "
+                                f"and the like go into the config file)")
+        out.pop(key, None)  # a repeated key moves to the end, where the Lightning CLI applies it last
+        out[key] = _cli_value(text)
+    return out
+
+
+def _cli_value(text: str) -> Any:
+    if _FLOAT_WITHOUT_DOT.fullmatch(text.strip()):
+        return float(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def apply_overrides(train_config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -130,6 +174,13 @@ def _init_params(class_path: str) -> frozenset[str] | None:
     return frozenset(n for n, p in signature.parameters.items() if p.kind in named)
 
 
+def trial_config(train_config: Mapping[str, Any], overrides: Mapping[str, Any],
+                 every_trial: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's training config: the trial's overrides, then the study's command-line ones (which win, as
+    command-line arguments win over a config file)."""
+    return apply_overrides(apply_overrides(train_config, overrides), every_trial)
+
+
 def write_best_config(
     train_config_path: str | Path,
     overrides: Mapping[str, Any],
@@ -139,21 +190,27 @@ def write_best_config(
     metric: str | None = None,
     mode: str | None = None,
     score: float | None = None,
+    every_trial: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``train_config_path`` with ``overrides`` applied to ``out_path`` (temp file + rename).
 
+    ``every_trial``: the study's command-line overrides (``cli_overrides``), applied after the trial's
+    own, as the trial ran (``trial_config``), so fitting the file reproduces the trial.
     The header comment names the study, the metric and its score, the source
     config and every override, so the file says where it came from; the
     source's own comments are not carried over. Returns ``out_path``.
     """
     train_config_path, out_path = Path(train_config_path), Path(out_path)
-    config = apply_overrides(load_training_config(train_config_path), overrides)
+    config = trial_config(load_training_config(train_config_path), overrides, every_trial or {})
     ranked = f"{metric} ({mode})" if mode else str(metric)
     header = [f"# Best trial of the rec-dist tune study {study or '?'}"]
     if metric is not None:
         header.append(f"# ranked by {ranked}" + (f": {score:.6g}" if score is not None else ""))
     header.append(f"# = {train_config_path} with these overrides:")
     header += [f"#   {k}: {json.dumps(v)}" for k, v in overrides.items()] or ["#   (none)"]
+    if every_trial:
+        header.append("# and these, given to every trial of the study:")
+        header += [f"#   {k}: {json.dumps(v)}" for k, v in every_trial.items()]
     header.append(f"#   rec-dist fit --config {out_path}")
     text = "\n".join(header) + "\n" + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
     with atomic_file(out_path) as tmp:

@@ -28,7 +28,15 @@ from typing import Any
 
 import yaml
 
-from rec_dist.tune.overrides import load_training_config, write_best_config
+from rec_dist.errors import RecDistError
+from rec_dist.tune.overrides import (
+    apply_overrides,
+    cli_overrides,
+    load_training_config,
+    trial_config,
+    write_best_config,
+)
+from rec_dist.tune.preflight import check_study
 from rec_dist.tune.ray_train import (
     RayTrainSettings,
     create_mlflow_run,
@@ -69,11 +77,17 @@ class Study:
     rows: list[dict[str, Any]]
 
 
-def tune(space_path: str, config: str | None, cli_args: Sequence[str], settings: TuneSettings) -> Study:
-    """Run the study; returns once every trial has ended."""
-    import ray
-    from ray import tune as ray_tune
+class StudyError(RecDistError):
+    """The study ran but gave nothing to pick from (no trial reported the metric); the message says why."""
 
+
+def tune(space_path: str, config: str | None, cli_args: Sequence[str], settings: TuneSettings) -> Study:
+    """Run the study; returns once every trial has ended.
+
+    ``cli_args`` (Lightning CLI overrides for every trial) are written into each trial's config file and
+    into the best config, so fitting the best config reproduces its trial. The config is checked before
+    Ray starts (``rec_dist.tune.preflight``); once the parent MLflow run exists, any error ends it FAILED.
+    """
     space = load_space(space_path)
     config = config or space.config
     if config is None:
@@ -82,91 +96,131 @@ def tune(space_path: str, config: str | None, cli_args: Sequence[str], settings:
         raise ValueError(f"--search must be one of {SEARCHES}, got {settings.search!r}")
     if settings.scheduler not in SCHEDULERS:
         raise ValueError(f"--scheduler must be one of {SCHEDULERS}, got {settings.scheduler!r}")
+    if settings.max_concurrent is not None and settings.max_concurrent < 1:
+        raise ValueError(f"--max_concurrent must be >= 1, got {settings.max_concurrent}")
     config_path = Path(config).resolve()
     train_config = load_training_config(config_path)
+    every_trial = cli_overrides(cli_args)
+    check_study(config_path, train_config, every_trial, space, settings.seed)
     train = settings.train or RayTrainSettings(num_workers=1)
     experiment, _, configured_uri = logger_names(str(config_path), cli_args)
     tracking_uri = resolve_tracking_uri(train.tracking_uri, configured_uri)
     train = dataclasses.replace(train, tracking_uri=tracking_uri)
     parent = create_mlflow_run(tracking_uri, experiment, f"tune-{space.name}", None,
                                {"rec_dist.study": space.name, "rec_dist.space": str(space.path)})
+    try:
+        return _run_study(space, config_path, train_config, every_trial, settings, train, parent, experiment)
+    except BaseException:
+        _end_failed(tracking_uri, parent)
+        raise
+
+
+def _run_study(space: SearchSpace, config_path: Path, train_config: dict, every_trial: dict[str, Any],
+               settings: TuneSettings, train: RayTrainSettings, parent: str, experiment: str) -> Study:
+    import ray
+    from ray import tune as ray_tune
+
+    tracking_uri = str(train.tracking_uri)
     _log_study_start(tracking_uri, parent, space, config_path, settings)
     print(f"study {space.name}: parent MLflow run {parent} ({tracking_uri}, experiment {experiment!r})")
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     storage = str(Path(train.storage_path or "~/ray_results").expanduser().resolve())
-    trial_fn = _trial_function(space, train_config, list(cli_args), train, parent, os.getcwd(), storage)
-    search_alg, param_space = _search(space, settings)
+    if train.storage_path is None:
+        print(f"Ray results and checkpoints: {storage} (--storage_path to change)")
+    max_epochs = _max_epochs(apply_overrides(train_config, every_trial))
+    trial_fn = _trial_function(space, train_config, every_trial, train, parent, os.getcwd(), storage)
+    concurrency = settings.max_concurrent or _default_concurrency(train)
+    search_alg, param_space = _search(space, settings, concurrency)
     tuner = ray_tune.Tuner(
         ray_tune.with_resources(trial_fn, {"cpu": 0.01}),  # the trial driver only waits; its workers hold CPUs
         param_space=param_space,
         tune_config=ray_tune.TuneConfig(
             metric=space.metric, mode=space.mode, num_samples=settings.num_samples, search_alg=search_alg,
-            scheduler=_scheduler(settings, train_config, cli_args),
-            max_concurrent_trials=settings.max_concurrent or _default_concurrency(train),
+            scheduler=_scheduler(settings, max_epochs),
+            # Ray ignores this for a BasicVariantGenerator search (random / grid): its limit is set in _search.
+            max_concurrent_trials=None if settings.search == "random" else concurrency,
         ),
         run_config=ray_tune.RunConfig(name=f"tune-{space.name}-{parent[:8]}", storage_path=storage, verbose=1),
     )
-    try:
-        grid = tuner.fit()
-    except BaseException:
-        from mlflow import MlflowClient
-
-        MlflowClient(tracking_uri).set_terminated(parent, "FAILED")
-        raise
+    grid = tuner.fit()
     rows = _results(grid, space)
-    _close_trial_runs(tracking_uri, parent, rows, _max_epochs(train_config, cli_args))
+    _close_trial_runs(tracking_uri, parent, rows, max_epochs)
+    if all(row[space.metric] is None for row in rows):
+        raise StudyError(_no_result_message(grid, space, rows))
     best = grid.get_best_result(metric=space.metric, mode=space.mode, scope="all")
     best_overrides = space.resolve(best.config)
     best_score = float(best.metrics_dataframe[space.metric].max() if space.mode == "max"
                        else best.metrics_dataframe[space.metric].min())
     out = Path(settings.best_config or f"best-{space.name}.yaml")
     write_best_config(config_path, best_overrides, out, study=space.name, metric=space.metric, mode=space.mode,
-                      score=best_score)
+                      score=best_score, every_trial=every_trial)
     _log_study_end(tracking_uri, parent, space, rows, out, best_score)
     print_results(rows, f"study {space.name}: trials by {space.metric} ({space.mode})")
     print(f"best {space.metric} = {best_score:.4f}; ready-to-use training config: {out}")
     return Study(parent, best_overrides, best_score, out, rows)
 
 
+def _no_result_message(grid, space: SearchSpace, rows: list[dict[str, Any]]) -> str:
+    """Why there is no best trial: how many failed, and the first failure's own last line (its cause)."""
+    errors = [str(err).strip() for err in grid.errors]
+    text = f"no trial of study {space.name} reported {space.metric} ({len(rows)} trials, {len(errors)} failed)"
+    if errors:
+        text += f"; the first failure: {errors[0].splitlines()[-1]}"
+    return text + f"; trial logs under {grid.experiment_path}"
+
+
+def _end_failed(tracking_uri: str, parent: str) -> None:
+    """End the study's parent run FAILED (unless something already ended it)."""
+    from mlflow import MlflowClient
+
+    from rec_dist.tracking.mlflow import run_is_running
+
+    client = MlflowClient(tracking_uri)
+    if run_is_running(client, parent):
+        client.set_terminated(parent, "FAILED")
+
+
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's name; a user's value wins
 TRIAL_WORKER_START_TIMEOUT_S = 900
 
 
-def _trial_function(space: SearchSpace, train_config: dict, cli_args: list[str], train: RayTrainSettings,
+def _trial_function(space: SearchSpace, train_config: dict, every_trial: dict[str, Any], train: RayTrainSettings,
                     parent: str, cwd: str, storage: str):
-    """The Tune trainable: one trial = the config with its overrides, as a Ray Train run (child MLflow run)."""
+    """The Tune trainable: one trial = the config with its overrides and the study's command-line ones
+    (``trial_config``, as the best config is written), as a Ray Train run (child MLflow run)."""
 
-    def trial(trial_config: dict[str, Any]) -> None:
+    def trial(drawn: dict[str, Any]) -> None:
         from ray import tune as ray_tune
         from ray.tune.integration.ray_train import TuneReportCallback
-
-        from rec_dist.tune.overrides import apply_overrides
 
         os.chdir(cwd)  # Tune starts a trial in its own folder; the config's relative paths are the driver's
         # A trial may start while a trial the scheduler stopped still holds its workers' CPUs; Ray Train's 60 s
         # default then fails the new trial. Ray passes this variable from here to the trial's controller.
         os.environ.setdefault(WORKER_START_TIMEOUT_ENV, str(TRIAL_WORKER_START_TIMEOUT_S))
-        overrides = space.resolve(trial_config)
+        overrides = space.resolve(drawn)
         trial_name = ray_tune.get_context().get_trial_name()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{trial_name}.yaml"
-            path.write_text(yaml.safe_dump(apply_overrides(train_config, overrides), sort_keys=False))
+            path.write_text(yaml.safe_dump(trial_config(train_config, overrides, every_trial), sort_keys=False))
             settings = dataclasses.replace(train, storage_path=storage, name=trial_name,
                                            tags={"rec_dist.trial": trial_name,
                                                  "rec_dist.overrides": json.dumps(overrides)[:5000]})
-            run_on_ray(str(path), cli_args, settings, parent_run_id=parent, run_name=trial_name,
+            run_on_ray(str(path), [], settings, parent_run_id=parent, run_name=trial_name,
                        run_config_callbacks=[TuneReportCallback()])
 
     return trial
 
 
-def _search(space: SearchSpace, settings: TuneSettings):
-    """(search_alg, param_space) for Tuner: random draws from ``to_ray``, or Optuna TPE define-by-run."""
+def _search(space: SearchSpace, settings: TuneSettings, concurrency: int):
+    """(search_alg, param_space) for Tuner: random draws from ``to_ray``, or Optuna TPE define-by-run.
+
+    A BasicVariantGenerator takes its concurrency limit itself: Ray ignores ``max_concurrent_trials`` for it
+    (and starts every trial at once)."""
     if settings.search == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=settings.seed), space.to_ray()
+        return BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency), space.to_ray()
     from optuna.samplers import TPESampler
     from ray.tune.search.optuna import OptunaSearch
 
@@ -175,23 +229,20 @@ def _search(space: SearchSpace, settings: TuneSettings):
     return search, None
 
 
-def _scheduler(settings: TuneSettings, train_config: dict, cli_args: Sequence[str]):
+def _scheduler(settings: TuneSettings, max_epochs: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if settings.scheduler == "fifo":
         return FIFOScheduler()
-    max_epochs = _max_epochs(train_config, cli_args)
     # max_t one past the last epoch: a trial that reaches max_t is stopped at once, and a trial that
     # trains every epoch must still run its test pass and log its final model.
     return ASHAScheduler(time_attr="training_iteration", max_t=max_epochs + 1, grace_period=settings.grace_period,
                          reduction_factor=settings.reduction_factor)
 
 
-def _max_epochs(train_config: dict, cli_args: Sequence[str]) -> int:
-    from rec_dist.tune.ray_train import cli_override
-
-    return int(cli_override(cli_args, "trainer.max_epochs") or (train_config.get("trainer") or {}).get(
-        "max_epochs", 5))
+def _max_epochs(config: dict) -> int:
+    """The trials' epochs (a config without ``trainer.max_epochs`` gets Lightning's default, 1000)."""
+    return int((config.get("trainer") or {}).get("max_epochs") or 1000)
 
 
 def _default_concurrency(train: RayTrainSettings) -> int:
@@ -297,8 +348,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                             max_concurrent=args.max_concurrent, grace_period=args.grace_period,
                             reduction_factor=args.reduction_factor, seed=args.seed, best_config=args.best_config,
                             train=settings_from(args))
-    from rec_dist.errors import RecDistError
-
     try:
         tune(args.space, args.config, cli_args, settings)
     except (RecDistError, ValueError, FileNotFoundError) as err:
