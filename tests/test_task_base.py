@@ -11,7 +11,23 @@ from torch import nn
 
 from rec_dist.data.datamodule import ParquetDataModule
 from rec_dist.data.schema import Schema
-from rec_dist.models import BST, DIEN, DIN, ESMM, HSTU, PLE, DCNv2, DeepFM, MMoE, PooledSequenceDNN, SharedBottom
+from rec_dist.models import (
+    BST,
+    DIEN,
+    DIN,
+    ESMM,
+    ETA,
+    HSTU,
+    PLE,
+    SDIM,
+    SIM,
+    TWIN,
+    DCNv2,
+    DeepFM,
+    MMoE,
+    PooledSequenceDNN,
+    SharedBottom,
+)
 from rec_dist.models.protocols import check_protocol
 from rec_dist.tasks.multitask import MultiTaskTask
 from rec_dist.tasks.ranking import RankingTask
@@ -36,6 +52,11 @@ RANKERS = [
     (DIEN, ("click",), {}),
     (HSTU, ("click",), {}),
     (PooledSequenceDNN, ("click",), {"pooling": "attention"}),
+    (SIM, ("click",), {"category_features": ["item_category", "hist_category"], "top_k": 3}),
+    (SIM, ("click",), {"search": "soft", "top_k": 3}),
+    (ETA, ("click",), {"top_k": 3}),
+    (SDIM, ("click",), {}),
+    (TWIN, ("click",), {"top_k": 3}),
     (SharedBottom, ("click", "like"), {}),
     (MMoE, ("click", "like"), {}),
     (PLE, ("click", "like"), {}),
