@@ -119,7 +119,9 @@ def build_cli_class():
                 if last:
                     print(f"last checkpoint: {last} (what --ckpt_path resumes from)")
             if config.get("test_after_fit", True) and getattr(datamodule, "splits", {}).get("test") is not None:
-                ckpt = "best" if checkpoint is not None and checkpoint.best_model_path else None
+                # The path itself, not "best": with several ModelCheckpoint callbacks (best, latest) Lightning
+                # warns on every fit that "best" means the first one's.
+                ckpt = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
                 if ckpt and self.trainer.is_global_zero:
                     print(
                         f"best {checkpoint.monitor} = {float(checkpoint.best_model_score):.4f} "

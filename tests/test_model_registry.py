@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -64,13 +65,16 @@ def trained(tmp_path_factory, offline):
     cwd = os.getcwd()
     os.chdir(root)  # the SQLite store's default artifact root is ./mlruns
     try:
-        main(["fit", "--config", str(root / "config.yaml")])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            main(["fit", "--config", str(root / "config.yaml")])
     finally:
         os.chdir(cwd)
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("registry").experiment_id])
     best = next((root / "ckpt").rglob(f"{run.info.run_id}/checkpoints/best-*.ckpt"))
-    return {"root": root, "uri": uri, "run": run, "client": client, "best": best}
+    return {"root": root, "uri": uri, "run": run, "client": client, "best": best,
+            "warnings": [str(w.message) for w in caught]}
 
 
 def _exported_probabilities(trained, rows) -> np.ndarray:
@@ -85,6 +89,13 @@ def _exported_probabilities(trained, rows) -> np.ndarray:
     with torch.no_grad():
         logits = [model(batch)["click"] for batch in ParquetBatches([str(path)], model.schema, 128)]
     return torch.sigmoid(torch.cat(logits)).numpy()
+
+
+def test_fit_tests_its_best_checkpoint_without_a_warning(trained):
+    """Was, on every fit: '.test(ckpt_path="best") is called with ... multiple ModelCheckpoint callbacks'."""
+    assert not [w for w in trained["warnings"] if "ModelCheckpoint" in w]
+    run, client = trained["run"], trained["client"]
+    assert len(client.get_metric_history(run.info.run_id, "test/auc")) == 1  # the test pass still ran
 
 
 def test_fit_logs_the_final_model_and_the_registry_serves_it(trained, offline, capsys):
