@@ -53,11 +53,17 @@ def test_pooling_matches_per_row_loop(mode, target, half_life):
     rows = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))
     query = torch.randn(4, 3) if target else None
     pool = SequencePooling(mode, 4, query_dim=3 if target else None, half_life=half_life)
+    values.requires_grad_(True)
     out = pool(values, offsets, rows, ages if half_life else None, query)
+    refs = []
     for b in range(4):
         a, z = offsets[b], offsets[b + 1]
-        ref = _ref_pool(pool, list(values[a:z]), ages[a:z].tolist(), None if query is None else query[b])
-        assert_close(out[b], ref, atol=1e-6, rtol=1e-5)
+        refs.append(_ref_pool(pool, list(values[a:z]), ages[a:z].tolist(), None if query is None else query[b]))
+        assert_close(out[b], refs[-1], atol=1e-6, rtol=1e-5)
+    weights = torch.randn(4, 4)  # the gradients agree too (segment max / sums / softmax backward)
+    (grad,) = torch.autograd.grad((out * weights).sum(), values)
+    (ref_grad,) = torch.autograd.grad((torch.stack(refs) * weights).sum(), values)
+    assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
 
 
 def test_learned_half_life_gets_a_gradient():
