@@ -12,7 +12,14 @@ import torch
 
 from rec_dist.data.interactions import SeenItems, item_counts
 from rec_dist.errors import DataError
-from rec_dist.metrics.retrieval import RetrievalMetrics, relevant_ranks, target_ranks, top_items
+from rec_dist.metrics.retrieval import (
+    RetrievalMetrics,
+    relevant_ranks,
+    sample_negatives,
+    sampled_target_ranks,
+    target_ranks,
+    top_items,
+)
 
 
 def naive_scores(q, items):
@@ -266,3 +273,33 @@ def test_two_gloo_processes_give_the_one_process_numbers(tmp_path):
     one = one.compute()
     assert set(one) == set(two) and all(torch.equal(one[k], two[k]) for k in one), (one, two)
     assert float(one["ndcg_at_20"]) > 0
+
+
+def test_sampled_negatives_avoid_the_target_padding_and_seen_items_and_are_uniform():
+    ids = torch.arange(0, 21)  # 0 = padding
+    targets = torch.tensor([3, 7, 20])
+    seen = [[1, 2, 3], [], [5, 6, 99]]  # 99 is not in the corpus: ignored; a seen target is still not a negative
+    gen = torch.Generator().manual_seed(0)
+    negatives = sample_negatives(ids, targets, 4000, csr(seen), gen)  # (3, 4000) corpus positions
+    for row in range(3):
+        allowed = sorted(set(range(1, 21)) - {int(targets[row])} - set(seen[row]))
+        counts = np.bincount(ids[negatives[row]].numpy(), minlength=21)
+        assert sorted(np.flatnonzero(counts).tolist()) == allowed
+        expected = 4000 / len(allowed)
+        assert np.abs(counts[allowed] - expected).max() < 5 * math.sqrt(expected)
+    with pytest.raises(ValueError, match="no item left"):
+        sample_negatives(torch.tensor([0, 1, 2]), torch.tensor([1]), 3, csr([[2]]), gen)
+
+
+@pytest.mark.parametrize("interests", [None, 3])
+def test_sampled_ranks_match_a_loop_over_the_negatives(interests):
+    query, items, ids, targets, seen, exclude = random_case(4, batch=9, interests=interests)
+    negatives = sample_negatives(torch.from_numpy(ids), torch.from_numpy(targets), 20, exclude,
+                                 torch.Generator().manual_seed(1))
+    ranks = sampled_target_ranks(torch.from_numpy(query), torch.from_numpy(items), torch.from_numpy(ids),
+                                 torch.from_numpy(targets), negatives)
+    qs = [q.tolist() if interests else [q.tolist()] for q in query]
+    for b in range(9):
+        scores = naive_scores(qs[b], items.tolist())
+        target = scores[list(ids).index(targets[b])]
+        assert int(ranks[b]) == 1 + sum(scores[int(n)] >= target for n in negatives[b])  # ties: pessimistic

@@ -32,6 +32,10 @@ Scores are computed in chunks of ``chunk_size`` items, so memory is
 ``B x chunk_size`` whatever the corpus size. ``RetrievalMetrics`` accumulates
 per-query sums as torchmetrics state, reduced over ranks by summation: queries
 may be split over ranks in any way and give the one-process numbers.
+
+``sampled_target_ranks`` ranks the target among a few uniformly sampled
+negatives instead of the corpus; such metrics are not comparable with the
+full-corpus ones and are only ever reported under a ``sampled_`` name.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import torch
 from torchmetrics import Metric
 
 PADDING_ID = 0
+MAX_REDRAWS = 50  # rejection-sampling rounds of sampled_target_ranks
 CSR = tuple[torch.Tensor, torch.Tensor]  # (offsets (B + 1,), values): one list of item ids per query
 
 
@@ -116,6 +121,67 @@ def target_ranks(
     targets = targets.to(items.device).flatten()
     offsets = torch.arange(targets.numel() + 1, device=items.device)
     return relevant_ranks(query, items, item_ids, (offsets, targets), exclude, chunk_size)
+
+
+def sample_negatives(
+    item_ids: torch.Tensor,
+    targets: torch.Tensor,
+    num_negatives: int,
+    exclude: CSR | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``(B, M)`` corpus positions drawn uniformly, with replacement, from the corpus minus each query's target,
+    the padding id and ``exclude`` (rejection sampling: memory B x M whatever the corpus size)."""
+    if num_negatives <= 0:
+        raise ValueError(f"sample_negatives: num_negatives must be positive, got {num_negatives}")
+    device, num_items = item_ids.device, item_ids.numel()
+    targets = targets.to(device).flatten()
+    batch = targets.numel()
+    target_pos = _positions(item_ids, targets)  # (B,)
+    if bool((target_pos < 0).any()):
+        raise ValueError(f"sample_negatives: target item ids {targets[target_pos < 0][:5].tolist()} are not in "
+                         f"the corpus")
+    ex_rows, ex_pos = _excluded(exclude, item_ids, batch, device)
+    rows = torch.arange(batch, device=device)
+    padding = torch.nonzero(item_ids == PADDING_ID).flatten()
+    forbidden = torch.cat([ex_rows * num_items + ex_pos, rows * num_items + target_pos,
+                           (rows.unsqueeze(1) * num_items + padding).flatten()]).unique()  # sorted (row, pos) keys
+    negatives = torch.randint(0, num_items, (batch, num_negatives), generator=generator, device=device)  # (B, M)
+    for _ in range(MAX_REDRAWS):
+        keys = rows.unsqueeze(1) * num_items + negatives  # (B, M)
+        bad = forbidden[torch.searchsorted(forbidden, keys).clamp(max=forbidden.numel() - 1)] == keys
+        if not bool(bad.any()):
+            return negatives
+        negatives[bad] = torch.randint(0, num_items, (int(bad.sum()),), generator=generator, device=device)
+    raise ValueError(f"sample_negatives: after {MAX_REDRAWS} redraws some negatives are still the target, padding "
+                     f"or excluded items: a query has (almost) no item left to sample")
+
+
+def sampled_target_ranks(
+    query: torch.Tensor,
+    items: torch.Tensor,
+    item_ids: torch.Tensor,
+    targets: torch.Tensor,
+    negatives: torch.Tensor,
+) -> torch.Tensor:
+    """Pessimistic 1-based rank ``(B,)`` of each target among itself and its sampled ``negatives`` ``(B, M)``
+    (corpus positions, from ``sample_negatives``)::
+
+        rank = 1 + #{ sampled negatives n : s_n >= s_target }
+
+    **Sampled** metrics (the BERT4Rec "100 negatives" protocol) are far higher than full-corpus ones and not
+    comparable with them (Krichene & Rendle, KDD 2020): they are reported under a ``sampled_`` name only.
+    """
+    query = _check(query, items, 1, "sampled_target_ranks").to(items.dtype)
+    item_ids = _check_ids(item_ids.to(items.device), items.shape[0])
+    target_pos = _positions(item_ids, targets.to(items.device).flatten())  # (B,)
+    rows = torch.arange(query.shape[0], device=items.device)
+    target_score = _pair_scores(query, items, rows, target_pos, max(query.shape[0], 1))  # (B,)
+    if query.dim() == 2:
+        negative_score = torch.einsum("bd,bmd->bm", query, items[negatives])  # (B, M)
+    else:
+        negative_score = torch.einsum("bkd,bmd->bkm", query, items[negatives]).amax(1)  # (B, M)
+    return 1 + (negative_score >= target_score.unsqueeze(1)).sum(1)
 
 
 def top_items(
