@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from rec_dist.errors import ConfigError
 from rec_dist.layers.time_buckets import log2_buckets
@@ -99,15 +100,39 @@ class HSTULayer(nn.Module):
 
 
 class HSTUStack(nn.Module):
-    """``num_layers`` HSTU layers; the same lengths, times and normaliser for every layer."""
+    """``num_layers`` HSTU layers; the same lengths, times and normaliser for every layer.
 
-    def __init__(self, dim: int, num_layers: int = 2, **layer_args) -> None:
+    ``row_block`` (None: all rows at once) runs the rows in blocks of that many, each padded to its own
+    longest row and, in training, under ``torch.utils.checkpoint`` (the backward recomputes the block): the
+    ``(b, H, L, L)`` attention of one block is alive at a time instead of the batch's, the cost of long
+    histories. The outputs are the same (the normaliser and the biases do not depend on the padding).
+    """
+
+    def __init__(self, dim: int, num_layers: int = 2, row_block: int | None = None, **layer_args) -> None:
         super().__init__()
         if num_layers < 1:
             raise ConfigError(f"HSTU: num_layers must be positive, got {num_layers}")
+        if row_block is not None and row_block < 1:
+            raise ConfigError(f"HSTU: row_block must be positive (or null), got {row_block}")
+        self.row_block = row_block
         self.layers = nn.ModuleList(HSTULayer(dim, **layer_args) for _ in range(num_layers))
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor, times: torch.Tensor | None = None) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, lengths: torch.Tensor, times: torch.Tensor | None) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x, lengths, times)
         return x
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, times: torch.Tensor | None = None) -> torch.Tensor:
+        if self.row_block is None or x.shape[0] <= self.row_block:
+            return self._run(x, lengths, times)
+        blocks = []
+        for start in range(0, x.shape[0], self.row_block):
+            rows = slice(start, start + self.row_block)
+            longest = int(lengths[rows].max())  # this block's own padding
+            args = (x[rows, :longest], lengths[rows], None if times is None else times[rows, :longest])
+            if torch.is_grad_enabled() and self.training and longest > 0:
+                block = checkpoint(self._run, *args, use_reentrant=False)
+            else:
+                block = self._run(*args)
+            blocks.append(F.pad(block, (0, 0, 0, x.shape[1] - longest)))  # (b, L, D)
+        return torch.cat(blocks)  # (B, L, D)

@@ -76,6 +76,8 @@ class HSTU(RankingModel):
         time_buckets: log2 time-gap buckets of the relative bias.
         dropout: in the HSTU layers and the DNN.
         hidden: DNN hidden sizes.
+        row_block: run the HSTU stack on this many rows at a time, recomputed in the backward (bounds the
+            (rows, H, L, L) attention of long histories; None: all rows at once). Same outputs.
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class HSTU(RankingModel):
         time_buckets: int = 32,
         dropout: float = 0.0,
         hidden: Sequence[int] = (200, 80),
+        row_block: int | None = None,
     ) -> None:
         super().__init__(schema, tasks)
         self.query_features, self.sequence_features = pair_query_sequences(
@@ -110,7 +113,8 @@ class HSTU(RankingModel):
         self.max_len = schema.features[self.sequence_features[0]].max_len + 1  # the history and the candidate
         self.encoder = HSTUStack(dim, num_layers, num_heads=num_heads, attention_dim=attention_dim,
                                  linear_dim=linear_dim, normalizer=self.max_len, num_positions=self.max_len,
-                                 time_buckets=time_buckets if self.time else None, dropout=dropout)
+                                 time_buckets=time_buckets if self.time else None, dropout=dropout,
+                                 row_block=row_block)
         self.dnn = MLP(self.selection.flat_dim + 2 * dim + self.selection.dense_dim, hidden, dropout=dropout)
         self.head = TaskHead(self.dnn.output_dim, self.tasks)
 
@@ -145,7 +149,7 @@ class HSTUNextItem(nn.Module):
         schema: the feature schema.
         sequence_feature: the sequence of event item ids (default: the first member of the first sequence group).
         item_feature: the item id feature scored as the next item (same table; default: ``item_column``).
-        num_layers, num_heads, attention_dim, linear_dim, time_buckets, dropout: as ``HSTU``.
+        num_layers, num_heads, attention_dim, linear_dim, time_buckets, dropout, row_block: as ``HSTU``.
         time_feature: sequence feature with each event's time (raw ids, aligned); None: positional bias only.
     """
 
@@ -161,6 +165,7 @@ class HSTUNextItem(nn.Module):
         time_feature: str | None = None,
         time_buckets: int = 32,
         dropout: float = 0.0,
+        row_block: int | None = None,
     ) -> None:
         super().__init__()
         self.schema = schema
@@ -181,7 +186,8 @@ class HSTUNextItem(nn.Module):
         self.max_len = schema.features[self.sequence_feature].max_len
         self.encoder = HSTUStack(dim, num_layers, num_heads=num_heads, attention_dim=attention_dim,
                                  linear_dim=linear_dim, normalizer=self.max_len, num_positions=self.max_len,
-                                 time_buckets=time_buckets if self.time else None, dropout=dropout)
+                                 time_buckets=time_buckets if self.time else None, dropout=dropout,
+                                 row_block=row_block)
         self.project = nn.Linear(dim, dim)
 
     def forward(self, batch: Batch, item_batch: Batch) -> tuple[JaggedSequence, torch.Tensor]:
