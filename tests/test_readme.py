@@ -33,6 +33,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.ray_cluster import free_port
 from tests.readme_blocks import Block, fill_placeholders, readme_blocks, shorten, unmarked_blocks
 
@@ -159,6 +161,7 @@ def run_block(block: Block, command: list[str], repo: Path, env: dict[str, str],
     return text
 
 
+@pytest.mark.timeout(int(os.environ.get("README_TEST_TIMEOUT", "2400")))  # every block of the README, in order
 def test_readme_blocks_run_in_order_in_fresh_shells(tmp_path):
     """Every block runs even after one failed (later ones may then fail for want of its output); the test
     fails listing each failed block."""
