@@ -1,4 +1,5 @@
-"""NextItemTask: learning a planted successor rule (both training positions), and the MLflow pyfunc of a
+"""NextItemTask: learning a planted successor rule (GRU4Rec: both training positions; SASRec: each loss;
+BERT4Rec: cloze training), and the MLflow pyfunc of a
 model without tasks (query vectors)."""
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from jsonargparse import Namespace
 from rec_dist.data.columns import ColumnChunk
 from rec_dist.data.datamodule import ParquetDataModule
 from rec_dist.data.schema import Schema
+from rec_dist.models.bert4rec import BERT4Rec
 from rec_dist.models.gru4rec import GRU4Rec
 from rec_dist.models.protocols import query_vectors
+from rec_dist.models.sasrec import SASRec
+from rec_dist.tasks.masked_item import MaskedItemTask
 from rec_dist.tasks.next_item import NextItemTask
 
 ITEMS, USERS, WALK = 40, 200, 12
@@ -66,12 +70,15 @@ def root(tmp_path_factory):
 
 
 def fit(root: Path, tmp_path: Path, positions: str, epochs: int = 6):
+    return fit_task(root, tmp_path, NextItemTask, lambda schema: GRU4Rec(schema, hidden=24), epochs,
+                    positions=positions, temperature=0.2, lr=0.02)
+
+
+def fit_task(root: Path, tmp_path: Path, task_class, model, epochs: int, lr: float, **task_kwargs):
     pl.seed_everything(0)
     data = ParquetDataModule(str(root / "schema.yaml"), batch_size=64, items="items.parquet")
-    task = NextItemTask(
-        lambda schema: GRU4Rec(schema, hidden=24), schema=data.schema, positions=positions, temperature=0.2,
-        ks=(5, 10), optimizer=lambda params: torch.optim.Adam(params, lr=0.02),
-    )
+    task = task_class(model, schema=data.schema, ks=(5, 10), optimizer=lambda params: torch.optim.Adam(params, lr=lr),
+                      **task_kwargs)
     trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0)
     trainer.fit(task, datamodule=data)
@@ -87,6 +94,22 @@ def test_learns_the_successor_rule(root, tmp_path, positions):
     # Popularity is flat over the cycle (every item about equally frequent): about 5 in 30 unseen items.
     assert result["test/popularity/recall_at_5"] < 0.4
     assert task.monitor == ("val/recall_at_5", "max")
+
+
+@pytest.mark.parametrize(("loss", "positions"), [("full", "last"), ("sampled", "all"), ("bce", "all")])
+def test_sasrec_learns_the_successor_rule_with_each_loss(root, tmp_path, loss, positions):
+    task, trainer, data = fit_task(root, tmp_path, NextItemTask, lambda schema: SASRec(schema, dropout=0.1), 3,
+                                   lr=0.01, loss=loss, positions=positions, num_negatives=10)
+    result = trainer.test(task, datamodule=data, verbose=False)[0]
+    assert result["test/recall_at_5"] > 0.9, result  # popularity: about 0.2 (test above)
+
+
+def test_bert4rec_learns_the_successor_rule_by_cloze(root, tmp_path):
+    # Every token masked with probability 0.5 (positions: all); the test query is a [mask] after the last event.
+    task, trainer, data = fit_task(root, tmp_path, MaskedItemTask, lambda schema: BERT4Rec(schema, dropout=0.0), 6,
+                                   lr=0.01, loss="full", positions="all", mask_prob=0.5)
+    result = trainer.test(task, datamodule=data, verbose=False)[0]
+    assert result["test/recall_at_5"] > 0.7, result
 
 
 def test_pyfunc_serves_the_query_vectors(root, tmp_path):

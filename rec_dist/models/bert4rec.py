@@ -74,8 +74,11 @@ class BERT4Rec(nn.Module):
         self.max_len = position_table_size("BERT4Rec", max_len, inputs.max_len, self.sequence_feature)
         self.input_features = (self.sequence_feature, self.item_feature)
         self.embeddings = FeatureEmbeddings(schema, features=self.input_features)
-        self.mask_token = nn.Parameter(torch.randn(dim) * 0.02)  # (D,) the [mask] embedding m
+        # [mask] and positions start on the item table's scale (nn.Embedding's N(0, 1) would drown the items).
+        init_std = schema.tables[inputs.table].init_std
+        self.mask_token = nn.Parameter(torch.randn(dim) * init_std)  # (D,) the [mask] embedding m
         self.positions = nn.Embedding(self.max_len + 1, dim)  # events + the appended token
+        nn.init.normal_(self.positions.weight, std=init_std)
         self.input_norm = nn.Identity() if norm_first else nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
         self.encoder = TransformerEncoder(dim, num_blocks, num_heads, ffn_dim or 4 * dim, dropout, norm_first,

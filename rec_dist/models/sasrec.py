@@ -91,11 +91,13 @@ class SASRec(nn.Module):
         self.max_len = position_table_size("SASRec", max_len, inputs.max_len, self.sequence_feature)
         self.input_features = (self.sequence_feature, self.item_feature)
         self.embeddings = FeatureEmbeddings(schema, features=self.input_features)
+        self.scale = math.sqrt(dim)
         self.positions = nn.Embedding(self.max_len, dim)
+        # Positions start on the scale of the scaled item embeddings (nn.Embedding's N(0, 1) would drown them).
+        nn.init.normal_(self.positions.weight, std=schema.tables[inputs.table].init_std * self.scale)
         self.dropout = nn.Dropout(dropout)
         self.encoder = TransformerEncoder(dim, num_blocks, num_heads, ffn_dim or dim, dropout, norm_first,
                                           activation="relu", where="SASRec")
-        self.scale = math.sqrt(dim)
 
     def forward(self, batch: Batch, item_batch: Batch) -> tuple[JaggedSequence, torch.Tensor]:
         """Training entry (the task calls the model itself, so DDP sees the step)."""

@@ -22,6 +22,7 @@ class SequenceInputs:
 
     sequence_feature: str
     item_feature: str
+    table: str
     dim: int
     max_len: int | None  # the schema's max_len of the sequence feature (None when it sets none)
 
@@ -44,7 +45,7 @@ def resolve_sequence_inputs(schema: Schema, model: str, sequence_feature: str | 
             f"share their embeddings"
         )
     dim = schema.tables[seq_table].embedding_dim  # type: ignore[index]
-    return SequenceInputs(sequence_feature, item_feature, dim, schema.features[sequence_feature].max_len)
+    return SequenceInputs(sequence_feature, item_feature, seq_table, dim, schema.features[sequence_feature].max_len)
 
 
 def _default_sequence(schema: Schema, model: str) -> str:
