@@ -145,9 +145,14 @@ def test_cli_two_tower_on_movielens_beats_popularity(movielens, tmp_path, capsys
     assert metrics["test/recall_at_50"] > metrics["test/popularity/recall_at_50"] + 0.03
 
 
+def result_names(ks):
+    return [f"{m}_at_{k}" for k in ks for m in ("hit_rate", "recall", "ndcg", "mrr")] + ["mrr"]
+
+
 def test_mlflow_gets_every_metric_and_the_evaluation_protocol(tmp_path, capsys):
     """A test pass logs HR / Recall / NDCG / MRR @K and MRR to MLflow, and the protocol (full corpus, seen
-    items excluded or not, pessimistic ties) as run parameters; the protocol is also printed."""
+    items excluded or not, pessimistic ties, sampled negatives) as run parameters; the protocol is also printed.
+    Sampled-candidate metrics appear only under sampled_<M>/ names."""
     import mlflow
 
     from rec_dist.tracking.mlflow import MLflowLogger
@@ -157,7 +162,7 @@ def test_mlflow_gets_every_metric_and_the_evaluation_protocol(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for exclude_seen in (True, False):
         task = RetrievalTask(lambda schema: TwoTower(schema, hidden=[16], output_dim=16), schema=data.schema,
-                             ks=(5, 10), exclude_seen=exclude_seen)
+                             ks=(5, 10), exclude_seen=exclude_seen, sampled_negatives=0 if exclude_seen else 20)
         logger = MLflowLogger(experiment_name="eval", tracking_uri=uri)
         trainer = pl.Trainer(logger=logger, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, default_root_dir=str(tmp_path))
@@ -168,5 +173,36 @@ def test_mlflow_gets_every_metric_and_the_evaluation_protocol(tmp_path, capsys):
         assert run.data.params["eval/ties"] == "pessimistic"
         for name in ("hit_rate_at_5", "recall_at_10", "ndcg_at_10", "mrr_at_10", "mrr", "popularity/ndcg_at_5"):
             assert run.data.metrics[f"test/{name}"] == pytest.approx(result[f"test/{name}"])
+        assert run.data.params["eval/sampled_negatives"] == ("0" if exclude_seen else "20")
+        sampled = {k for k in run.data.metrics if "sampled" in k}
+        if exclude_seen:
+            assert not sampled
+        else:  # sampled metrics only under their own name; untrained: the target ranks about uniformly in 1..21
+            assert sampled == {f"test/sampled_20/{m}" for m in result_names(ks=(5, 10))}
+            assert 0.1 < run.data.metrics["test/sampled_20/hit_rate_at_10"] < 0.9
         seen = "the user's train + val items excluded" if exclude_seen else "seen items kept"
         assert f"test: ranking the full corpus of {NUM_ITEMS} items, {seen}" in capsys.readouterr().out
+
+
+def test_two_ddp_workers_evaluate_exactly_like_one(tmp_path):
+    """`trainer.test` of one model with 2 gloo processes (each scores its share of the users; sums reduced)
+    gives exactly the 1-process metrics, the model's and the popularity baseline's."""
+    from functools import partial
+
+    root = planted(tmp_path / "data")
+    torch.manual_seed(0)
+    results = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp_fork")):
+        data = ParquetDataModule(str(root / "schema.yaml"), batch_size=128, eval_batch_size=50,
+                                 items="items.parquet")
+        task = RetrievalTask(partial(TwoTower, hidden=[16], output_dim=16), schema=data.schema, ks=(5, 20))
+        if devices == 1:
+            state = task.state_dict()
+        task.load_state_dict(state)  # the same weights in both runs
+        trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=str(tmp_path))
+        trainer.test(task, datamodule=data, verbose=False)
+        results[devices] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert results[1] and results[1] == results[2]
+    assert results[1]["test/ndcg_at_20"] > 0

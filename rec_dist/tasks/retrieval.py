@@ -20,6 +20,8 @@ the items the user interacted with in the earlier splits are removed from the
 ranking (validation: train; test and predict: train + val). The protocol is
 printed at the start of each stage and logged as run parameters
 (``eval/candidates: full_corpus``, ``eval/exclude_seen``, ``eval/ties``).
+``sampled_negatives: M`` adds the sampled protocol (the target among M
+uniform negatives), always logged under ``<stage>/sampled_<M>/...``.
 ``popularity_baseline`` scores the same rows with a most-popular ranking
 (items by their number of training rows, same exclusions, same evaluator),
 logged as ``<stage>/popularity/...`` beside the model's metrics. Predict:
@@ -39,7 +41,13 @@ from rec_dist.data.schema import Schema
 from rec_dist.errors import ConfigError
 from rec_dist.losses.frequency import StreamingFrequency
 from rec_dist.losses.retrieval import RetrievalLoss
-from rec_dist.metrics.retrieval import RetrievalMetrics, target_ranks, top_items
+from rec_dist.metrics.retrieval import (
+    RetrievalMetrics,
+    sample_negatives,
+    sampled_target_ranks,
+    target_ranks,
+    top_items,
+)
 from rec_dist.models.protocols import check_protocol
 from rec_dist.tasks.base import STAGES, ModelFactory, RecTask
 
@@ -60,6 +68,8 @@ class RetrievalTask(RecTask):
         top_k: items per query written by ``predict``.
         corpus_batch_size: items per batch of the corpus pass.
         score_chunk_size: items scored at once per query batch (memory: eval batch x this).
+        sampled_negatives: also rank each target among this many uniformly sampled negatives (0: off), logged
+            as ``<stage>/sampled_<M>/...``: the "100 negatives" protocol, not comparable with full-corpus numbers.
         logq_correction: subtract each candidate's log expected count (``log(n p_i + M / V)``,
             ``rec_dist.losses.retrieval``), so popular items are not pushed down for being frequent negatives.
         frequency_alpha: rate of the streaming gap estimate behind ``p_i`` (~1 / occurrences it averages).
@@ -85,6 +95,7 @@ class RetrievalTask(RecTask):
         top_k: int = 100,
         corpus_batch_size: int = 8192,
         score_chunk_size: int = 16_384,
+        sampled_negatives: int = 0,
         logq_correction: bool = False,
         frequency_alpha: float = 0.01,
         frequency_buckets: int | None = None,
@@ -102,6 +113,9 @@ class RetrievalTask(RecTask):
                             ("score_chunk_size", score_chunk_size)):
             if value <= 0:
                 raise ConfigError(f"model.init_args.{knob} must be positive, got {value}")
+        if sampled_negatives < 0:
+            raise ConfigError(f"model.init_args.sampled_negatives must be >= 0 (0: off), got {sampled_negatives}")
+        self.sampled_negatives = sampled_negatives
         self.user_column = _id_column(schema, "user_column")
         self.item_column = _id_column(schema, "item_column")
         self.temperature = temperature
@@ -115,6 +129,8 @@ class RetrievalTask(RecTask):
                                                   frequency_hashes, mixed_negatives, memory_size, gather_negatives)
         self.metrics = nn.ModuleDict({stage: RetrievalMetrics(ks) for stage in STAGES})
         self.baseline = nn.ModuleDict({stage: RetrievalMetrics(ks) for stage in STAGES})
+        self.sampled = nn.ModuleDict({stage: RetrievalMetrics(ks) for stage in STAGES} if sampled_negatives else {})
+        self._sampler: torch.Generator | None = None  # negatives of the sampled metrics, seeded per stage
         self.monitor = (f"val/recall_at_{self.metrics['val'].ks[0]}", "max")
         self._corpus: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids (N,), vectors (N, d))
         self._popularity: torch.Tensor | None = None  # (N, 1) training-row count per corpus item
@@ -205,18 +221,24 @@ class RetrievalTask(RecTask):
         """How the metrics were computed, logged as run parameters (``eval/...``) so a number is never read
         without its protocol: full corpus or sampled, seen items excluded or not, the tie rule."""
         return {"eval/candidates": "full_corpus", "eval/exclude_seen": self.exclude_seen,
-                "eval/ties": "pessimistic", "eval/ks": list(self.metrics["val"].ks)}
+                "eval/ties": "pessimistic", "eval/ks": list(self.metrics["val"].ks),
+                "eval/sampled_negatives": self.sampled_negatives}
 
     def _log_evaluation_params(self, stage: str, num_items: int) -> None:
         seen = f"the user's {' + '.join(SEEN_SPLITS[stage])} items excluded" if self.exclude_seen else "seen items kept"
         if self._trainer is None or self.trainer.is_global_zero:
-            print(f"{stage}: ranking the full corpus of {num_items} items, {seen}, ties pessimistic")
+            print(f"{stage}: ranking the full corpus of {num_items} items, {seen}, ties pessimistic"
+                  + (f"; {stage}/sampled_{self.sampled_negatives}/...: among {self.sampled_negatives} sampled "
+                     f"negatives (not comparable)" if self.sampled_negatives else ""))
         for logger in self.loggers if self._trainer is not None else ():
             logger.log_hyperparams(self.evaluation_params())
 
     def _start_stage(self, stage: str) -> None:
         self.check_fused_inference()
         self._corpus = self.encode_corpus()
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        seed = 7919 * {"val": 0, "test": 1}.get(stage, 2) + rank  # fixed draws per (stage, rank): repeatable
+        self._sampler = torch.Generator(device=self._corpus[0].device).manual_seed(seed)
         if stage not in self._logged_params:
             self._logged_params.add(stage)
             self._log_evaluation_params(stage, self._corpus[0].numel())
@@ -250,6 +272,9 @@ class RetrievalTask(RecTask):
             ones = self._popularity.new_ones(targets.shape[0], 1)  # (B, 1): every query scores an item by its count
             ranks = target_ranks(ones, self._popularity, ids, targets, exclude, self.score_chunk_size)
             self.baseline[stage].update(ranks)
+        if self.sampled_negatives:
+            negatives = sample_negatives(ids, targets, self.sampled_negatives, exclude, self._sampler)  # (B, M)
+            self.sampled[stage].update(sampled_target_ranks(query, vectors, ids, targets, negatives))
 
     def _end_stage(self, stage: str) -> None:
         # torchmetrics already reduced these over ranks; sync_dist only averages equal values.
@@ -258,6 +283,11 @@ class RetrievalTask(RecTask):
         if self.popularity_baseline:
             baseline = {f"{stage}/popularity/{k}": v for k, v in self.baseline[stage].compute().items()}
             self.log_dict(baseline, sync_dist=self.synced)
+        if self.sampled_negatives:
+            sampled = {f"{stage}/sampled_{self.sampled_negatives}/{k}": v
+                       for k, v in self.sampled[stage].compute().items()}
+            self.log_dict(sampled, sync_dist=self.synced)
+            self.sampled[stage].reset()
         self.metrics[stage].reset()
         self.baseline[stage].reset()
         self._corpus = None
