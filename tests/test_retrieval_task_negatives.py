@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -76,6 +77,49 @@ def test_trains_with_the_memory(tmp_path):
     task, fit, _ = fit_planted(tmp_path, hidden=(), memory_size=128)
     assert fit.callback_metrics["val/recall_at_10"] > 0.8
     assert task.retrieval_loss.memory.filled == 128
+
+
+def skewed(root: Path, users: int = 800, per_user: int = 8, groups: int = 4, per_group: int = 20) -> Path:
+    """User u likes the items of group u % 4 and picks 8 of them (without replacement) with Zipf(1.2)
+    probabilities by their rank in the group: the best unseen items are the group's most popular ones."""
+    rng = np.random.default_rng(0)
+    weights = 1 / np.arange(1, per_group + 1) ** 1.2
+    parts = {"train": [], "val": [], "test": []}
+    for user in range(1, users + 1):
+        items = rng.choice(per_group, per_user, replace=False, p=weights / weights.sum()) + 1
+        items += (user % groups) * per_group
+        for split, chosen in (("train", items[:-2]), ("val", items[-2:-1]), ("test", items[-1:])):
+            parts[split] += [(user, int(i)) for i in chosen]
+    root.mkdir(parents=True)
+    for split, pairs in parts.items():
+        user_ids, item_ids = (np.array(c, np.int64) for c in zip(*pairs, strict=True))
+        pq.write_table(pa.table({"user_id": user_ids, "item_id": item_ids,
+                                 "like": np.ones(len(user_ids), np.float32)}), root / f"{split}.parquet")
+    num_items = groups * per_group
+    pq.write_table(pa.table({"item_id": np.arange(1, num_items + 1, dtype=np.int64)}), root / "items.parquet")
+    schema = {**SCHEMA, "tables": {"user": {"num_embeddings": users + 1, "embedding_dim": 8},
+                                   "item": {"num_embeddings": num_items + 1, "embedding_dim": 8}}}
+    Schema.from_dict(schema).save(root / "schema.yaml")
+    return root
+
+
+def test_logq_correction_helps_on_popularity_skew(tmp_path):
+    """Uncorrected in-batch softmax learns about log p(i|u) - log p(i): within the user's group the items look
+    alike, popularity removed. The correction restores log p(i|u), which ranks the group's popular items first,
+    where the test items mostly are. Seen with seeds 0 and 1: test NDCG@10 0.36 / 0.39 without, 0.51 / 0.51
+    with; recall@10 0.80 / 0.81 against 0.88 / 0.87."""
+    root = skewed(tmp_path / "data")
+    results = {}
+    for logq in (False, True):
+        pl.seed_everything(0)
+        data = ParquetDataModule(str(root / "schema.yaml"), batch_size=128, items="items.parquet")
+        task = make_task(data.schema, logq_correction=logq, frequency_alpha=0.05)
+        fit = trainer(tmp_path, EPOCHS)
+        fit.fit(task, datamodule=data)
+        results[logq] = fit.test(task, datamodule=data, verbose=False)[0]
+    assert results[True]["test/ndcg_at_10"] > results[False]["test/ndcg_at_10"] + 0.07
+    assert results[True]["test/recall_at_10"] > results[False]["test/recall_at_10"] + 0.02
+    assert results[False]["test/recall_at_10"] > results[False]["test/popularity/recall_at_10"] + 0.4  # both learnt
 
 
 def test_default_counters_are_exact_per_id_and_hashed_on_request():
