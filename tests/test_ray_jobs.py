@@ -83,7 +83,7 @@ def test_evaluate_job_takes_the_run_directory(cluster, workdir):
                             submission_id="evaluate")
     logs = cluster.logs("evaluate")
     assert status == "SUCCEEDED", logs[-4000:]
-    latest = sorted(experiment_dir.glob("checkpoint_*"))[-1]
+    latest = sorted(experiment_dir.glob("checkpoint_*/checkpoint.ckpt"))[-1].parent
     assert f"using its latest checkpoint {latest.name}" in logs
     _, run = _run(workdir, "evaluated")
     assert run.data.metrics["test/auc"] > 0.6  # the last epoch's model (the fit tested its best one)
