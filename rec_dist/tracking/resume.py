@@ -140,6 +140,8 @@ class ResumingConfigLogger(LogConfigToMLflow):
             old = existing[logger.run_id]
             new = [Param(k, v) for k, v in params.items() if k not in old]
             changed = [RunTag(f"resumed.{k}", v) for k, v in params.items() if k in old and old[k] != v]
+            if not new and not changed:
+                continue  # the same config (a Ray worker group restarted): nothing to add
             for start in range(0, max(len(new), len(changed)), 100):
                 logger.experiment.log_batch(logger.run_id, params=new[start : start + 100],
                                             tags=changed[start : start + 100])
