@@ -27,7 +27,7 @@ def _fresh(code_or_args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PYTHONPATH"] = str(REPO)
     done = subprocess.run([sys.executable, *code_or_args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 

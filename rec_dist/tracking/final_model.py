@@ -28,8 +28,8 @@ import mlflow
 import mlflow.pyfunc
 
 from rec_dist.tracking.exported import load_exported
-from rec_dist.tracking.mlflow import default_tracking_uri
 from rec_dist.tracking.pyfunc_model import example_input, model_inputs, model_signature
+from rec_dist.tracking.store import default_tracking_uri
 
 MODEL_NAME = "model"  # the model's name in its run: runs:/<run id>/model
 # Installed distributions written as the model's pip requirements (those present, at their versions).

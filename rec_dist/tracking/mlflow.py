@@ -4,14 +4,13 @@ MLflow 3 refuses its file store by default and Lightning's MLFlowLogger
 falls back to one, so the default here is a SQLite store in the working
 directory: ``sqlite:///mlflow.db``, the store MLflow 3 itself defaults to, so
 that a fresh ``mlflow.pyfunc.load_model("runs:/...")``, ``mlflow ui`` and the
-registry find rec_dist's runs without being told where they are.
-``MLFLOW_TRACKING_URI`` overrides it (an ``http://`` server for many
+registry find rec_dist's runs without being told where they are
+(``rec_dist.tracking.store``). ``MLFLOW_TRACKING_URI`` overrides it (an ``http://`` server for many
 concurrent writers).
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,9 @@ from typing import Any
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # = mlflow.store.tracking.DEFAULT_TRACKING_URI (MLflow 3)
+from rec_dist.tracking.store import DEFAULT_TRACKING_URI, default_tracking_uri  # noqa: F401  (re-exported)
+
 MAX_PARAM_VALUE = 6000  # MLflow's limit on one param value
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
 
 
 class MLflowLogger(MLFlowLogger):

@@ -30,8 +30,8 @@ from rec_dist.tracking.final_model import (
     resolve_checkpoint,
     using_tracking_uri,
 )
-from rec_dist.tracking.mlflow import default_tracking_uri
 from rec_dist.tracking.pyfunc_model import PREDICT_ROWS, RecDistPyfunc, example_input, model_signature
+from rec_dist.tracking.store import default_tracking_uri
 
 __all__ = [
     "MODEL_NAME",
