@@ -8,7 +8,8 @@ One run of each, on the same random unit vectors (inner product):
   - rec_dist target_ranks: the pessimistic rank of one target per user (what validation runs);
   - naive: ``torch.topk`` over the full score matrix of a batch of ``--naive_batch`` users (B x N floats);
   - FAISS ``IndexFlatIP.search`` (exact, BLAS + heaps).
-torch and FAISS get the same number of threads. Every method's top-50 ids are checked against FAISS's.
+torch and FAISS get the same number of threads (``--faiss_threads`` to change FAISS's). Every method's
+top-50 ids are checked against FAISS's.
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=65_536, help="items per scored chunk (rec_dist)")
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--faiss_threads", type=int, default=None, help="FAISS's OpenMP threads (default: --threads)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
+    faiss_threads = args.faiss_threads or args.threads
+    faiss.omp_set_num_threads(faiss_threads)
     gen = torch.Generator().manual_seed(0)
     items = torch.nn.functional.normalize(torch.randn(args.items, args.dim, generator=gen), dim=1)  # (N, d)
     ids = torch.arange(1, args.items + 1)  # (N,) no padding id in the corpus
@@ -59,7 +62,8 @@ def main() -> None:
     seen = torch.randint(1, args.items + 1, (args.users, 10), generator=gen)  # 10 seen items per user
     index = faiss.IndexFlatIP(args.dim)
     index.add(items.numpy())
-    print(f"{args.items:,} items x {args.dim} d, {args.users} users, top-{args.k}, {args.threads} threads "
+    print(f"{args.items:,} items x {args.dim} d, {args.users} users, top-{args.k}, torch {args.threads} / FAISS "
+          f"{faiss_threads} threads "
           f"(torch {torch.__version__}, faiss {faiss.__version__}, {platform.processor() or platform.machine()})")
 
     def ours(lo, hi):
