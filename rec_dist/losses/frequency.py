@@ -107,8 +107,8 @@ class StreamingFrequency(nn.Module):
         rank = torch.cumsum(observed.long(), 0) - 1  # (n,) running count of gaps, over all buckets
         starts = torch.cumsum(counts, 0) - counts  # (U,) first row of each bucket
         gaps_before = torch.cumsum(observed.long(), 0) - observed.long()  # (n,) gaps in earlier rows
-        first_rank = gaps_before[starts][inverse]  # (n,) gaps in earlier buckets
-        m = rank - first_rank  # (n,) index of this gap within its bucket
+        gaps_in_earlier_buckets = gaps_before[starts][inverse]  # (n,)
+        m = rank - gaps_in_earlier_buckets  # (n,) index of this gap within its bucket
         decay = 1.0 - self.alpha
         prior = gap[uniq]  # (U,)
         # A bucket with no estimate takes its first gap as the estimate: same as a prior equal to that gap.

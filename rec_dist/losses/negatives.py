@@ -77,7 +77,8 @@ class CrossBatchMemory(nn.Module):
         self.next_slot = 0  # where the next vector goes (the oldest one)
 
     def contents(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(vectors (S, d), ids (S,))`` held now, oldest slot order irrelevant; None while empty."""
+        """``(vectors (S, d), ids (S,))`` held now, in slot order (a ring, not by age: the softmax does not care
+        about column order); None while empty."""
         if self.filled == 0:
             return None
         return self.vectors[: self.filled], self.ids[: self.filled]
