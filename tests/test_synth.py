@@ -280,3 +280,49 @@ def test_edge_configs_work():
         table = generate_rows(cfg, 0, cfg.num_rows)
         assert table.num_rows == cfg.num_rows
         assert table["hist_item_id"].combine_chunks().value_lengths().to_numpy().max() <= 1
+
+
+def test_long_range_data_plants_the_old_interest_far_back(tmp_path):
+    """long_range_config(L): logs of L/2..L events stored once, rows seeing >= 3/4 of theirs, the old interest
+    only in the oldest 10 %, so the last 50 events of a row never hold it at L = 200."""
+    from rec_dist.data.synth import long_range_config
+
+    cfg = long_range_config(200, num_rows=2_000, num_users=150, num_items=1_000)
+    out = synthesize(tmp_path / "long", cfg)
+    assert {"histories.parquet", "schema.yaml"} <= {p.name for p in out.iterdir()}
+    logs = pq.read_table(out / "histories.parquet")
+    users = logs["user_id"].to_numpy()
+    prof = user_profile(users, out)
+    lengths = logs["hist_item_id"].combine_chunks().value_lengths().to_numpy()
+    regular = ~prof["is_new"]
+    assert lengths[regular].min() >= 100 and lengths[regular].max() <= 200
+    rows = _read_all(out)
+    assert "hist_item_id" not in rows.column_names  # stored once: rows carry history_end only
+    position = np.searchsorted(users, rows["user_id"].to_numpy())
+    end, have = rows["history_end"].to_numpy(), lengths[position]
+    assert (end >= np.ceil(0.75 * have)).all() and (end <= have).all()
+    cats = logs["hist_category"].combine_chunks()
+    offsets, flat = cats.offsets.to_numpy(), cats.flatten().to_numpy()
+    zone_share, outside_share = [], []
+    for u in np.flatnonzero(prof["has_old_interest"]):
+        events = flat[offsets[u]:offsets[u + 1]] == prof["old_interest_category"][u]
+        zone = int(np.ceil(0.1 * len(events)))
+        zone_share.append(events[:zone].mean())
+        outside_share.append(events[zone:].mean())
+        assert zone <= np.ceil(0.75 * len(events)) - 50  # the zone ends before any row's last 50 events
+    assert np.mean(zone_share) > 0.7 and np.mean(outside_share) < 0.06
+    truth = json.loads((out / "truth.json").read_text())
+    assert truth["coefficients"]["users"]["old_interest_fraction"] == 0.6  # the stronger override is recorded
+    assert 0.45 < prof["has_old_interest"][regular].mean() < 0.75
+
+
+def test_new_history_knobs_are_checked_and_default_to_the_old_data():
+    base = dict(num_rows=300, num_users=40, num_items=100, num_categories=5, seq_len=8, user_history_len=30)
+    old = generate_rows(SynthConfig(**base), 0, 300)
+    same = generate_rows(SynthConfig(**base, user_log_lengths="log_uniform", history_end_min_fraction=0.0), 0, 300)
+    assert old.equals(same)
+    for bad in ({"user_log_lengths": "zipf"}, {"history_end_min_fraction": 1.5},
+                {"coefficient_overrides": {"users": {"nope": 1.0}}},
+                {"coefficient_overrides": {"impression": {"p_old_interest": 0.9}}}):
+        with pytest.raises(RecDistError, match=next(iter(bad))):
+            SynthConfig(**base, **bad).validate()
