@@ -26,6 +26,7 @@ from rec_dist.tune.overrides import (
     validate_training_config,
     write_best_config,
 )
+from rec_dist.tune.tuner import TuneSettings, tune
 
 REPO = Path(__file__).resolve().parents[1]
 MMOE = REPO / "configs" / "multitask" / "mmoe.yaml"
@@ -50,11 +51,12 @@ def test_missing_data_fails_before_ray_with_the_cause(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no MLflow store, no parent run, no Ray results
 
 
-def test_a_bad_command_line_override_fails_before_ray(tmp_path):
-    done = _tune(["--space", str(SPACE), "--config", str(MMOE), "--trainer.max_epoch", "2"], tmp_path, 300)
-    assert done.returncode == 2
-    assert "with the command-line overrides: the Lightning CLI rejects it" in done.stderr
-    assert "max_epoch" in done.stderr and list(tmp_path.iterdir()) == []
+def test_a_bad_command_line_override_fails_before_ray(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(OverrideError, match="with the command-line overrides: the Lightning CLI rejects it") as err:
+        tune(str(SPACE), str(MMOE), ["--trainer.max_epoch", "2"], TuneSettings())
+    assert "max_epoch" in str(err.value) and list(tmp_path.iterdir()) == []
 
 
 # ---- the command-line overrides of every trial ------------------------------------------------------------
