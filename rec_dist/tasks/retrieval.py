@@ -62,7 +62,7 @@ class RetrievalTask(RecTask):
         model: the model factory, built as ``model(schema)``.
         schema: linked from the data module by the CLI.
         temperature: softmax temperature tau (logits ``q·v / tau``; small for L2-normalised vectors).
-        ks: cut-offs of Recall@K / NDCG@K; the first is the checkpoint monitor ``val/recall_at_K``.
+        ks: cut-offs of HitRate / Recall / NDCG / MRR @K; the first is the checkpoint monitor ``val/recall_at_K``.
         exclude_seen: drop the user's earlier items from the ranking.
         popularity_baseline: also evaluate the most-popular ranking (``<stage>/popularity/...``).
         top_k: items per query written by ``predict``.
