@@ -13,7 +13,8 @@ Sandboxing, so the test can run beside others on one machine: the MLflow
 server port 5000 and Ray's ports are replaced by free ones, ``ray start`` gets
 its own temp dir, and ``ray stop`` stops only that cluster. Fast mode (the
 default; ``README_TEST_FULL=1`` runs the commands as written): ``rec-dist fit``,
-``rec-dist tune`` and the Ray jobs train one epoch, a study runs 2 trials.
+``rec-dist tune`` and the Ray jobs train one epoch of at most 40 batches, a study
+runs 2 trials.
 Each block's output is kept in ``test-artifacts/readme/<id>.log``.
 """
 
