@@ -184,6 +184,8 @@ def test_readme_blocks_run_in_order_in_fresh_shells(tmp_path):
                 continue
             started = time.monotonic()
             try:
+                if block.background:  # a port of its own: a stopped server's children may hold the last one
+                    sandbox.mlflow_port = free_port()
                 code = fill_placeholders(block.code, outputs, generated, block)
                 code = sandbox.apply(code if FULL or block.lang != "bash" else shorten(code))
                 command = script(block, code, scripts)
