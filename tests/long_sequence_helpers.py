@@ -25,14 +25,17 @@ from rec_dist.metrics.gauc import group_auc
 LAST = 50
 
 
-def long_range_data(out: Path, seq_len: int, **overrides: Any) -> tuple[Path, Path]:
-    """``(schema.yaml, schema_last50.yaml)`` of the long-range data at history length ``seq_len``."""
+def long_range_data(out: Path, seq_len: int, init_std: float | None = None, **overrides: Any) -> tuple[Path, Path]:
+    """``(schema.yaml, schema_last50.yaml)`` of the long-range data at history length ``seq_len``;
+    ``init_std`` replaces the tables' initial std (a short training run starts from visible structure)."""
     synthesize(out, long_range_config(seq_len, **overrides))
     schema = Schema.load(out / "schema.yaml")
+    tables = {n: replace(t, init_std=init_std or t.init_std) for n, t in schema.tables.items()}
+    full = Schema(schema.name, tables, schema.features, schema.labels, schema.extra, schema.groups)
+    full.save(out / "schema.yaml")
     features = {n: replace(f, max_len=min(LAST, f.max_len)) if f.kind == "sequence" else f
                 for n, f in schema.features.items()}
-    Schema(schema.name, schema.tables, features, schema.labels, schema.extra, schema.groups).save(
-        out / "schema_last50.yaml")
+    Schema(schema.name, tables, features, schema.labels, schema.extra, schema.groups).save(out / "schema_last50.yaml")
     return out / "schema.yaml", out / "schema_last50.yaml"
 
 
