@@ -18,7 +18,11 @@ this column order::
 - **memory** (``CrossBatchMemory``; Wang et al., CVPR 2020, "Cross-Batch Memory"):
   a FIFO of the item vectors of recent batches, detached. They were computed by
   an older model (stale): cheap extra negatives that carry no gradient, useful
-  while the item tower moves slowly; keep the memory a few batches long.
+  only while the item tower moves slowly (the paper warms up without it).
+  Seen here: with ReLU-MLP towers a memory of one to four batches collapsed
+  training (MovieLens-100k two-tower, 512 vectors: test Recall@10 0.027, below
+  the most-popular 0.050; planted groups: val recall 0.16 instead of 1.0);
+  with linear towers it trained as well as without. Off by default.
 """
 
 from __future__ import annotations
