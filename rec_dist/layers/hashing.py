@@ -44,8 +44,10 @@ class SimHash(nn.Module):
         self.dim, self.bits, self.rounds, self.seed = dim, bits, rounds, seed
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer("projection", torch.randn(dim, rounds * bits, generator=generator))  # (D, m*tau)
-        # Packing the bits is one matmul with a block-diagonal matrix of powers of two, exact in float64.
-        packing = torch.block_diag(*[2.0 ** torch.arange(bits, dtype=torch.float64).unsqueeze(1)] * rounds)
+        # Packing the bits is one matmul with a block-diagonal matrix of powers of two: exact in float32 up to
+        # 24 bits (half the memory of float64, which wider signatures need).
+        exact = torch.float32 if bits <= 24 else torch.float64
+        packing = torch.block_diag(*[2.0 ** torch.arange(bits, dtype=exact).unsqueeze(1)] * rounds)
         self.register_buffer("packing", packing, persistent=False)  # (m*tau, m)
 
     def signs(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +64,7 @@ class SimHash(nn.Module):
         for start in range(0, x.shape[0], BLOCK_ROWS):
             block = slice(start, start + BLOCK_ROWS)
             bits = self.signs(x[block]).view(-1, self.rounds * self.bits)  # (b, m*tau)
-            out[block] = (bits.to(torch.float64) @ self.packing).long()  # (b, m)
+            out[block] = (bits.to(self.packing.dtype) @ self.packing).long()  # (b, m)
         return out
 
 
