@@ -8,11 +8,11 @@ vectors to recover the token's item (Sun et al. 2019, sec. 3.6)::
 
     positions: last   only each row's last token (its own item) is masked: the
                       inference task itself (the paper's extra "mask the last
-                      item" samples); the choice for row-copy data, where rows
-                      repeat their user's earlier history
+                      item" samples); every target counts once on row-copy data
     positions: all    every token masked with probability mask_prob (a row that
-                      drew none has its last token masked): the cloze task, for
-                      rows that each hold a user's whole history
+                      drew none has its last token masked): the paper's cloze
+                      task (on row-copy data a user's early events are masked
+                      in many rows, once per later row); the shipped configs
 
 The task decides the mask so that the model stays a deterministic function
 of (batch, mask) and the masking rate is a training knob beside the loss.
