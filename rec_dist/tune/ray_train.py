@@ -24,7 +24,8 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,19 +252,41 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                 weights_only=False)
         return
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=loop_config["ckpt_path"], weights_only=False)
-    else:  # a restart after a failure: resume from the last reported checkpoint
-        with checkpoint.as_directory() as ckpt_dir:
-            resume = str(Path(ckpt_dir) / CHECKPOINT_NAME)
-            if ray.train.get_context().get_world_rank() == 0:
-                from rec_dist.tracking.resume import checkpoint_summary
+    with short_peer_loss(ray.train.get_context().get_world_rank()):
+        if checkpoint is None:
+            trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=loop_config["ckpt_path"], weights_only=False)
+        else:  # a restart after a failure: resume from the last reported checkpoint
+            with checkpoint.as_directory() as ckpt_dir:
+                resume = str(Path(ckpt_dir) / CHECKPOINT_NAME)
+                if ray.train.get_context().get_world_rank() == 0:
+                    from rec_dist.tracking.resume import checkpoint_summary
 
-                summary = checkpoint_summary(resume)
-                print(f"worker group restarted: resuming from {summary.describe()}; training continues with "
-                      f"epoch {summary.epoch + 1} in MLflow run {loop_config['run_id']}", flush=True)
-            trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resume, weights_only=False)
+                    summary = checkpoint_summary(resume)
+                    print(f"worker group restarted: resuming from {summary.describe()}; training continues with "
+                          f"epoch {summary.epoch + 1} in MLflow run {loop_config['run_id']}", flush=True)
+                trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resume, weights_only=False)
     cli.after_fit()
+
+
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")  # gloo, when a rank died
+
+
+class PeerWorkerLost(RuntimeError):
+    """A surviving worker's collective failed because another worker died: Ray restarts the group."""
+
+
+@contextmanager
+def short_peer_loss(rank: int) -> Iterator[None]:
+    """A collective that failed because a peer worker died is expected before a restart: say so in one
+    line instead of the ~150-line gloo traceback through Lightning that each surviving worker printed."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not any(text in str(err) for text in PEER_LOST):
+            raise
+        first = str(err).splitlines()[0][:200]
+        raise PeerWorkerLost(f"rank {rank}: another worker of the group died ({first}); "
+                             "Ray restarts the group from the last checkpoint (--max_failures)") from None
 
 
 def ray_cli_class(loop_config: dict[str, Any]):
