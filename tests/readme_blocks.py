@@ -172,3 +172,28 @@ def shorten(code: str) -> str:
         command = re.sub(r"--num_samples \d+", "--num_samples 2", command)
         out.append(command + (" " + comment.strip() if comment else ""))
     return "\n".join(out) + "\n"
+
+
+def stop_ray(temp_dir: str) -> None:
+    """``ray stop`` for the test's own cluster only: the processes whose command line names its temp dir,
+    this one excepted (it names the dir too)."""
+    import os
+    import signal
+
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid != os.getpid() and any(temp_dir in part for part in proc.info["cmdline"] or []):
+            procs.append(proc)
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass

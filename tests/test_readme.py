@@ -92,8 +92,8 @@ class Sandbox:
             "port", "dashboard-agent-listen-port", "ray-client-server-port", "metrics-export-port"))
         code = code.replace("ray start --head", f"ray start --head --temp-dir {self.ray_tmp} --node-ip-address "
                             f"127.0.0.1 --dashboard-port {self.dashboard_port} {ports} --disable-usage-stats")
-        stop = (f"python -c \"import sys; sys.path.insert(0, '{REPO}'); from tests.ray_cluster import "
-                f"stop_cluster; stop_cluster('{self.ray_tmp}')\"")
+        stop = (f"python -c \"import sys; sys.path.insert(0, '{REPO}'); from tests.readme_blocks import "
+                f"stop_ray; stop_ray('{self.ray_tmp}')\"")
         return re.sub(r"^ray stop\s*$", stop, code, flags=re.M)
 
     def close(self) -> None:
