@@ -70,7 +70,7 @@ def prepare_amazon_beauty(
     out = Path(data_dir) / DIRNAME
     with build_lock(out):
         if not force and _is_complete(out, max_history):
-            log.info("Amazon Beauty already prepared at %s; pass force=True to rebuild", out)
+            log.info("Amazon Beauty already prepared at %s; `--force true` (force=True in Python) rebuilds it", out)
             return out
         return _build(out, Path(source_dir) / SOURCE_FILE, max_history, sha256)
 

@@ -76,7 +76,7 @@ def prepare_movielens_100k(
     out = Path(data_dir) / DIRNAME
     with build_lock(out):  # one builder per directory; the others wait, then reuse it
         if not force and _is_complete(out, max_history):
-            log.info("MovieLens-100k already prepared at %s; pass force=True to rebuild", out)
+            log.info("MovieLens-100k already prepared at %s; `--force true` (force=True in Python) rebuilds it", out)
             return out
         return _build(out, max_history, source_dir)
 
