@@ -81,14 +81,20 @@ def test_sharded_fit_tracks_plan_checkpoints_and_resumes_exactly(workdir):
 
     _fit(workdir, "first-two-epochs", "--trainer.max_epochs", "2", "--test_after_fit", "false")
     part = _run(workdir, "first-two-epochs")
+    full_losses, part_losses = _step_losses(full), _step_losses(part)
     checkpoint = next((workdir / "ckpt").rglob(f"{part.info.run_id}/checkpoints/last.ckpt"))
     _fit(workdir, "resumed", "--ckpt_path", str(checkpoint), "--test_after_fit", "false")
-    resumed = _run(workdir, "resumed")
+    # The resumed fit continues the checkpoint's MLflow run (no second run), and its third epoch lands there.
+    assert not mlflow.search_runs(experiment_names=["strategy"], filter_string="tags.mlflow.runName = 'resumed'",
+                                  output_format="list")
+    continued = mlflow.get_run(part.info.run_id)
+    assert continued.info.status == "FINISHED"
+    resumed_losses = _step_losses(continued)
 
-    full_losses, part_losses, resumed_losses = (_step_losses(r) for r in (full, part, resumed))
     assert part_losses == pytest.approx({s: full_losses[s] for s in part_losses}, rel=1e-5)
-    third_epoch = sorted(resumed_losses)
-    assert third_epoch and min(third_epoch) > max(part_losses)  # the resumed run starts where the other stopped
+    assert {s: resumed_losses[s] for s in part_losses} == part_losses  # the first two epochs' history is kept
+    third_epoch = sorted(set(resumed_losses) - set(part_losses))
+    assert third_epoch and min(third_epoch) > max(part_losses)  # the resumed fit starts where the other stopped
     assert [resumed_losses[s] for s in third_epoch] == pytest.approx([full_losses[s] for s in third_epoch], rel=1e-4)
 
 
