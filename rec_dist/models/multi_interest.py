@@ -36,6 +36,7 @@ from rec_dist.embedding.jagged import JaggedSequence
 from rec_dist.errors import ConfigError
 from rec_dist.layers.capsule import interest_counts, interest_mask
 from rec_dist.layers.multi_interest import fill_absent, label_aware_attention, mean_pairwise_cosine
+from rec_dist.models.sequential import resolve_sequence_inputs
 
 
 class MultiInterestModel(nn.Module):
@@ -71,28 +72,16 @@ class MultiInterestModel(nn.Module):
         super().__init__()
         name = self.model_name
         self.schema = schema
-        self.sequence_feature = sequence_feature or _default_sequence(schema, name)
-        self.item_feature = item_feature or str(schema.extra.get("item_column") or "")
-        for knob, feature, kind in (("sequence_feature", self.sequence_feature, "sequence"),
-                                    ("item_feature", self.item_feature, "sparse")):
-            if feature not in schema.features or schema.features[feature].kind != kind:
-                raise ConfigError(f"{name}: {knob} {feature!r} must name a {kind} feature of schema {schema.name!r}")
-        seq_table = schema.features[self.sequence_feature].table
-        item_table = schema.features[self.item_feature].table
-        if seq_table != item_table:
-            raise ConfigError(
-                f"{name}: sequence_feature {self.sequence_feature!r} (table {seq_table!r}) and item_feature "
-                f"{self.item_feature!r} (table {item_table!r}) must read one table: interests and items share "
-                f"one embedding space"
-            )
+        inputs = resolve_sequence_inputs(schema, name, sequence_feature or _default_sequence(schema, name),
+                                         item_feature)
+        self.sequence_feature, self.item_feature = inputs.sequence_feature, inputs.item_feature
         if num_interests <= 0:
             raise ConfigError(f"{name}: num_interests must be positive, got {num_interests}")
         if not attention_power >= 0:
             raise ConfigError(f"{name}: attention_power must be >= 0 (or inf), got {attention_power}")
         if not cosine_weight >= 0:
             raise ConfigError(f"{name}: cosine_weight must be >= 0, got {cosine_weight}")
-        self.dim = schema.tables[seq_table].embedding_dim  # type: ignore[index]
-        self.max_len = int(schema.features[self.sequence_feature].max_len or 0)
+        self.dim, self.max_len = inputs.dim, int(inputs.max_len or 0)
         self.num_interests, self.dynamic_interests = num_interests, dynamic_interests
         self.attention_power, self.cosine_weight = float(attention_power), float(cosine_weight)
         wanted = {self.sequence_feature, self.item_feature, *extra_features}

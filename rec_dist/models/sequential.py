@@ -1,4 +1,4 @@
-"""What every sequential recommender (GRU4Rec, SASRec, BERT4Rec) resolves from the schema the same way.
+"""What every sequential recommender (GRU4Rec, SASRec, BERT4Rec, MIND, ComiRec) resolves from the schema the same way.
 
 A next-item model reads one sequence of event item ids and scores items of
 the same table (events and scored items share their embeddings), so both
