@@ -101,13 +101,12 @@ class CrossBatchMemory(nn.Module):
 
 
 class Candidates:
-    """One query batch's candidate columns: vectors ``(N, d)``, ids ``(N,)``, labels ``(B,)`` and, per
-    column, the block it came from (``stream`` rows: batch positives and memory; ``uniform``: mixed)."""
+    """One query batch's candidate columns: vectors ``(N, d)``, ids ``(N,)``, labels ``(B,)`` and how many
+    columns came from each source (``num_stream``: batch positives and memory; ``num_uniform``: mixed)."""
 
     def __init__(self, vectors: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
-                 from_stream: torch.Tensor, num_stream: int, num_uniform: int) -> None:
+                 num_stream: int, num_uniform: int) -> None:
         self.vectors, self.ids, self.labels = vectors, ids, labels
-        self.from_stream = from_stream  # (N,) bool
         self.num_stream, self.num_uniform = num_stream, num_uniform
 
 
@@ -133,19 +132,16 @@ def assemble_candidates(
     else:
         batch_vectors, batch_ids, offset = items, item_ids, 0
     labels = offset + torch.arange(items.shape[0], device=items.device)  # (B,): rank r's row b -> offset_r + b
-    blocks, id_blocks, stream = [batch_vectors], [batch_ids], [torch.ones_like(batch_ids, dtype=torch.bool)]
-    num_uniform = 0
+    blocks, id_blocks = [batch_vectors], [batch_ids]
+    num_stream, num_uniform = batch_ids.shape[0], 0
     if mixed is not None:
         blocks.append(mixed[0])
         id_blocks.append(mixed[1].to(batch_ids.device))
-        stream.append(torch.zeros_like(id_blocks[-1], dtype=torch.bool))
         num_uniform = mixed[0].shape[0]
     held = memory.contents() if memory is not None else None
     if held is not None:
         blocks.append(held[0].to(batch_vectors.dtype))
         id_blocks.append(held[1])
-        stream.append(torch.ones_like(held[1], dtype=torch.bool))
-    from_stream = torch.cat(stream)
-    candidates = Candidates(torch.cat(blocks), torch.cat(id_blocks), labels, from_stream,
-                            int(from_stream.sum()), num_uniform)
+        num_stream += held[1].shape[0]
+    candidates = Candidates(torch.cat(blocks), torch.cat(id_blocks), labels, num_stream, num_uniform)
     return candidates, batch_vectors, batch_ids
