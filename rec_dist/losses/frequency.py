@@ -104,11 +104,9 @@ class StreamingFrequency(nn.Module):
         uniq, inverse, counts = torch.unique_consecutive(buckets, return_inverse=True, return_counts=True)
         # k = number of gaps per bucket; the m-th of k (0-based) weighs alpha (1 - alpha)^(k - 1 - m)
         k = torch.zeros(len(uniq), dtype=torch.int64, device=buckets.device).index_add_(0, inverse, observed.long())
-        rank = torch.cumsum(observed.long(), 0) - 1  # (n,) running count of gaps, over all buckets
-        starts = torch.cumsum(counts, 0) - counts  # (U,) first row of each bucket
         gaps_before = torch.cumsum(observed.long(), 0) - observed.long()  # (n,) gaps in earlier rows
-        gaps_in_earlier_buckets = gaps_before[starts][inverse]  # (n,)
-        m = rank - gaps_in_earlier_buckets  # (n,) index of this gap within its bucket
+        starts = torch.cumsum(counts, 0) - counts  # (U,) first row of each bucket
+        m = gaps_before - gaps_before[starts][inverse]  # (n,) index of this gap within its bucket (observed rows)
         decay = 1.0 - self.alpha
         prior = gap[uniq]  # (U,)
         # A bucket with no estimate takes its first gap as the estimate: same as a prior equal to that gap.
