@@ -25,7 +25,7 @@ from rec_dist.data.schema import Schema
 from rec_dist.embedding.collection import EmbeddedFeatures
 from rec_dist.embedding.jagged import JaggedSequence
 from rec_dist.errors import ConfigError
-from rec_dist.layers.capsule import DynamicRouting
+from rec_dist.layers.capsule import DynamicRouting, interest_mask
 from rec_dist.layers.multi_interest import SelfAttentiveInterests
 from rec_dist.models.multi_interest import MultiInterestModel
 
@@ -107,5 +107,4 @@ class ComiRecSA(MultiInterestModel):
 
     def extract(self, events: JaggedSequence, counts: torch.Tensor, embedded: EmbeddedFeatures) -> torch.Tensor:
         interests = self.extractor(events.padded(), events.mask())  # (B, K, D)
-        present = torch.arange(self.num_interests, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
-        return interests * present.unsqueeze(2)  # (B, K, D): absent interests zero
+        return interests * interest_mask(counts, self.num_interests).unsqueeze(2)  # (B, K, D): absent interests zero
