@@ -27,11 +27,11 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 
+from rec_dist.distributed.strategy import LIGHTNING_STATE  # the non-sharded part of a torchrec-strategy checkpoint
 from rec_dist.errors import RecDistError
 from rec_dist.tracking.mlflow import LogConfigToMLflow, flatten
 
 RUN_KEY = "rec_dist_mlflow_run"  # top-level key of a Lightning checkpoint
-LIGHTNING_STATE = "lightning.pt"  # the non-sharded part of a torchrec-strategy checkpoint directory
 LIGHTNING_KEYWORDS = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 
 

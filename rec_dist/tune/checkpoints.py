@@ -13,10 +13,10 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
+from rec_dist.distributed.strategy import LIGHTNING_STATE  # the non-sharded part of a torchrec-strategy checkpoint
 from rec_dist.errors import RecDistError
 
 CHECKPOINT_NAME = "checkpoint.ckpt"  # what RayTrainReportCallback writes inside each Ray checkpoint
-LIGHTNING_STATE = "lightning.pt"  # the non-sharded part of a torchrec-strategy checkpoint directory
 ACCEPTED = ("a Ray run directory (with checkpoint_* folders), a Ray checkpoint folder (with checkpoint.ckpt), "
             "a torchrec-strategy checkpoint directory (with lightning.pt) or a Lightning .ckpt file")
 
