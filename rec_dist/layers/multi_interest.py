@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rec_dist.embedding.jagged import segment_ids
 from rec_dist.metrics.retrieval import top_items
 
 
@@ -200,6 +201,6 @@ def _repeat_rows(exclude: tuple[torch.Tensor, torch.Tensor], times: int) -> tupl
     lengths = offsets.diff().repeat_interleave(times)  # (B*T,)
     new_offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])  # (B*T+1,)
     total = int(new_offsets[-1])
-    row = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total)
+    row = segment_ids(new_offsets, total)  # (E*T,) the repeated row of each value
     within = torch.arange(total, device=offsets.device) - new_offsets[row]  # (E*T,)
     return new_offsets, values[offsets[row // times] + within]
