@@ -122,10 +122,17 @@ class TWIN(LongSequenceRanker):
             return None
         return torch.cat([embedded.sequences[n].values for n in self.cross_features], dim=1)  # (N, Dc)
 
-    def gsu_scores(self, query: torch.Tensor, history: JaggedSequence, embedded: EmbeddedFeatures) -> torch.Tensor:
-        """``(N,)`` the first stage's score of every event: the heads' mean alpha, without gradient."""
-        buckets = age_bucket(event_ages(history.offsets, history.values.shape[0], history.rows), self.age_buckets)
-        cross = self._cross(embedded)
+    def _age_buckets(self, history: JaggedSequence) -> torch.Tensor:
+        """``(N,)`` the age bucket of every event."""
+        return age_bucket(event_ages(history.offsets, history.values.shape[0], history.rows), self.age_buckets)
+
+    def gsu_scores(self, query: torch.Tensor, history: JaggedSequence, embedded: EmbeddedFeatures,
+                   buckets: torch.Tensor | None = None, cross: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N,)`` the first stage's score of every event: the heads' mean alpha, without gradient.
+        ``buckets`` ``(N,)`` and ``cross`` ``(N, Dc)``: the events' age buckets and cross features when the
+        caller already has them (None: computed here)."""
+        buckets = self._age_buckets(history) if buckets is None else buckets
+        cross = self._cross(embedded) if cross is None else cross
         scores = history.values.new_empty(history.values.shape[0])  # (N,)
         with torch.no_grad():
             for start in range(0, scores.shape[0], BLOCK_EVENTS):
@@ -136,13 +143,12 @@ class TWIN(LongSequenceRanker):
         return scores
 
     def interest(self, query: torch.Tensor, history: JaggedSequence, embedded: EmbeddedFeatures) -> torch.Tensor:
-        kept = select_top_k(self.gsu_scores(query, history, embedded), history.offsets, self.top_k,
+        buckets, cross = self._age_buckets(history), self._cross(embedded)  # (N,), (N, Dc) or None
+        kept = select_top_k(self.gsu_scores(query, history, embedded, buckets, cross), history.offsets, self.top_k,
                             rows=history.rows)
         index = kept.index  # (M,) M <= B * top_k
         rows = history.rows.index_select(0, index)  # (M,)
-        ages = event_ages(history.offsets, history.values.shape[0], history.rows).index_select(0, index)  # (M,)
-        cross = self._cross(embedded)
         keys = history.values.index_select(0, index)  # (M, Dq)
-        alpha = self.attention.alpha(query, rows, keys, age_bucket(ages, self.age_buckets),
+        alpha = self.attention.alpha(query, rows, keys, buckets.index_select(0, index),
                                      None if cross is None else cross.index_select(0, index))  # (M, H)
         return self.attention.pool(alpha, keys, kept.offsets, rows)  # (B, H*d)
