@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rec_dist.data.interactions import SeenItems
-from rec_dist.layers.multi_interest import controllable_aggregation, fill_absent
+from rec_dist.layers.multi_interest import controllable_aggregation
 from rec_dist.lightning_cli import build_cli_class
 
 
@@ -50,8 +50,7 @@ def main() -> None:
     with torch.no_grad():
         items = model.encode_item(table.batch(table.ids))  # (N, D)
         for batch in data.dataset("test"):
-            interests, present = model.interests(batch)
-            queries = fill_absent(interests, present)  # (B, K, D)
+            queries = model.encode_query(batch)  # (B, K, D): absent interests filled with the first
             targets = batch.ids(task.item_column)
             exclude = seen.of(batch.ids(task.user_column))
             users += targets.shape[0]
