@@ -107,7 +107,8 @@ class NextItemTask(RetrievalTask):
         super().__init__(model, schema, temperature=temperature, **kwargs)
         self.positions, self.loss, self.num_negatives = positions, loss, num_negatives
         self.sequence_feature = self.retrieval_model().sequence_feature
-        self._all_items: tuple[torch.Tensor, Batch] | None = None  # (ids (N,), their Batch) for full / sampled
+        self._all_ids: torch.Tensor | None = None  # (N,) the item table's ids on this device: full / sampled / bce
+        self._all_batch: Batch | None = None  # the whole item table as one Batch on this device: full only
 
     def extra_columns(self) -> list[str]:
         return [*super().extra_columns(), self.sequence_feature]
@@ -144,13 +145,13 @@ class NextItemTask(RetrievalTask):
     def candidates(self, targets: torch.Tensor, table: ItemTable) -> Candidates:
         """The items to encode for ``targets`` ``(T,)`` under ``self.loss``, drawn from the item ``table``."""
         if self.loss == "full":
-            ids, _ = self._items(table)
+            ids = self._item_ids(table)
             labels = table.rows(targets.cpu().numpy(), "next-item targets")
             return Candidates(ids, torch.from_numpy(labels).to(targets.device))
         unique, labels = torch.unique(targets, return_inverse=True)  # (U,), (T,)
         if self.loss == "in_batch":
             return Candidates(unique, labels)
-        ids, _ = self._items(table)
+        ids = self._item_ids(table)
         count = self.num_negatives if self.loss == "sampled" else targets.numel()  # bce: one per state
         negatives = ids[torch.randint(ids.numel(), (count,), device=ids.device)]  # (count,) uniform
         return Candidates(torch.cat([unique, negatives]), labels, negatives_from=unique.numel())
@@ -165,16 +166,22 @@ class NextItemTask(RetrievalTask):
         loss = uniform_negatives_softmax_loss if self.loss == "sampled" else bce_one_negative_loss
         return loss(states, positives, targets, negatives, candidates.ids[split:], self.temperature)
 
-    def _items(self, table: ItemTable) -> tuple[torch.Tensor, Batch]:
-        """Every item id of the item table ``(N,)`` and its Batch, on this device (built once)."""
-        if self._all_items is None or self._all_items[0].device != self.device:
-            ids = torch.from_numpy(table.ids).to(self.device)
-            self._all_items = (ids, table.batch().to(self.device))
-        return self._all_items
+    def _item_ids(self, table: ItemTable) -> torch.Tensor:
+        """Every item id of the item table ``(N,)``, on this device (built once)."""
+        if self._all_ids is None or self._all_ids.device != self.device:
+            self._all_ids, self._all_batch = torch.from_numpy(table.ids).to(self.device), None
+        return self._all_ids
+
+    def _all_items_batch(self, table: ItemTable) -> Batch:
+        """The whole item table as one Batch, on this device (built once; only ``loss: full`` encodes it)."""
+        self._item_ids(table)  # a device change drops the Batch too
+        if self._all_batch is None:
+            self._all_batch = table.batch().to(self.device)
+        return self._all_batch
 
     def _item_batch(self, ids: torch.Tensor, table: ItemTable) -> Batch:
         if self.loss == "full":
-            return self._items(table)[1]
+            return self._all_items_batch(table)
         return table.batch(ids.cpu().numpy()).to(self.device)
 
     def query_vectors(self, batch: Batch) -> torch.Tensor:
