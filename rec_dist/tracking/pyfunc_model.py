@@ -24,23 +24,17 @@ class RecDistPyfunc(mlflow.pyfunc.PythonModel):
     """An exported rec_dist model as an MLflow pyfunc.
 
     Artifacts: ``exported`` (the file ``rec_dist.export.export`` writes) and
-    ``config`` (the training config, for the record). ``predict`` takes a
-    pandas DataFrame with the model's input columns (``model.input_features``: ids
-    as ints, multi-hot and sequence features as lists of ints, dense features as
-    floats; other columns are ignored), builds a Batch through the same columnar
-    path as training (pyarrow Table -> ``ColumnChunk`` -> ``Batch``) and returns,
-    for a ranking model, one column per task: the probability ``sigmoid(logit)``
-    for a binary label, the model's output as is for a regression label; for a
-    retrieval or next-item model one column ``query_vector`` (a list of floats per
-    row; a multi-interest query's K vectors concatenated).
+    ``config`` (the training config, for the record). ``predict`` is
+    ``ExportedScorer.predict`` (``rec_dist.tracking.exported``): a pandas DataFrame
+    of the model's input columns in; per task a probability (binary label) or the
+    output as is (regression), or one ``query_vector`` column for a retrieval or
+    next-item model, out.
     """
 
     def load_context(self, context) -> None:
         from rec_dist.tracking.exported import load_scorer
 
         self.scorer = load_scorer(context.artifacts["exported"])
-        self.model, self.schema = self.scorer.model, self.scorer.schema
-        self.tasks, self.features = self.scorer.tasks, self.scorer.features
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One row of output (a column per task) for each row of ``model_input`` (``ExportedScorer.predict``)."""
