@@ -12,6 +12,8 @@ import sys
 
 from rec_dist.quiet import quiet_startup
 
+DEFAULT_MAX_EPOCHS = 5  # rec-dist's trainer default (Lightning's own is 1000)
+
 
 def _task_checkpoint():
     """The best-checkpoint callback: it watches the task's own ``monitor = (metric, mode)`` (ranking tasks
@@ -49,7 +51,7 @@ def _trainer_defaults() -> dict:
             ModelCheckpoint(filename="latest-{epoch}", save_top_k=1, save_last=True),
             RecordMLflowRun(),  # the run id in every checkpoint: a resumed fit continues the run
         ],
-        "max_epochs": 5,
+        "max_epochs": DEFAULT_MAX_EPOCHS,
         "log_every_n_steps": 10,
         "enable_model_summary": False,
         "deterministic": False,

@@ -193,3 +193,12 @@ def test_bad_space_is_a_clear_error(tmp_path):
     assert done.returncode == 2
     assert str(bad) in done.stderr and "model.init_args.optimizer.init_args.lr" in done.stderr
     assert not list(tmp_path.glob("*.db"))  # nothing was started
+
+
+def test_max_epochs_without_a_trainer_setting_is_the_rec_dist_default():
+    """ASHA's max_t and the stopped-trial count use the epochs a trial really trains: RecDistCLI's default."""
+    from rec_dist.lightning_cli import _trainer_defaults
+    from rec_dist.tune.tuner import _max_epochs
+
+    assert _max_epochs({}) == _trainer_defaults()["max_epochs"]
+    assert _max_epochs({"trainer": {"max_epochs": 2}}) == 2

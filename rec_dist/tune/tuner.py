@@ -241,8 +241,10 @@ def _scheduler(settings: TuneSettings, max_epochs: int):
 
 
 def _max_epochs(config: dict) -> int:
-    """The trials' epochs (a config without ``trainer.max_epochs`` gets Lightning's default, 1000)."""
-    return int((config.get("trainer") or {}).get("max_epochs") or 1000)
+    """The trials' epochs (a config without ``trainer.max_epochs`` gets rec-dist's trainer default)."""
+    from rec_dist.lightning_cli import DEFAULT_MAX_EPOCHS
+
+    return int((config.get("trainer") or {}).get("max_epochs") or DEFAULT_MAX_EPOCHS)
 
 
 def _default_concurrency(train: RayTrainSettings) -> int:
